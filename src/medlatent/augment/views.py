@@ -1,0 +1,93 @@
+"""View recipes: how a batch of stored images becomes the augmented views a method trains on.
+
+A :class:`ViewRecipe` turns ``(B, C, *S)`` uint8/float images into a list of normalised views
+``(B, C, *size)``, all on the batch's device, reproducible for a given generator seed. The
+recipe is data (a :class:`~medlatent.config.ViewConfig` per view), so methods with asymmetric
+views (BYOL) or several crop sizes (DINO) describe them rather than re-implement them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from medlatent.augment import ops
+from medlatent.config import ViewConfig
+from medlatent.data.store import to_float
+
+# Subsets whose images have no canonical orientation (cells, tissue, skin), where vertical
+# flips and 90-degree rotations are label-preserving. X-rays, CT, OCT, fundus and ultrasound
+# have an up and a down.
+ORIENTATION_FREE = frozenset({"bloodmnist", "pathmnist", "tissuemnist", "dermamnist"})
+
+
+def resolve(cfg: ViewConfig, data_name: str) -> ViewConfig:
+    """Fill the data-dependent defaults (vflip, rot90) of a view config."""
+    free = data_name.lower() in ORIENTATION_FREE
+    return dataclasses.replace(
+        cfg,
+        vflip=cfg.vflip if cfg.vflip is not None else (0.5 if free else 0.0),
+        rot90=cfg.rot90 if cfg.rot90 is not None else (0.5 if free else 0.0),
+    )
+
+
+def augment(x: torch.Tensor, cfg: ViewConfig, size: int, g: torch.Generator) -> torch.Tensor:
+    """One augmented view of a float batch in [0, 1]: (B, C, *S) -> (B, C, *size), in [0, 1].
+
+    The order is SimCLR's: crop and flip, then photometric distortion, then blur.
+    """
+    c = x.shape[1]
+    v = ops.random_resized_crop(x, size, cfg.crop_scale, cfg.crop_ratio, g)
+    v = ops.random_flip(v, cfg.hflip, -1, g)
+    if cfg.vflip:
+        v = ops.random_flip(v, cfg.vflip, -2, g)
+    if cfg.rot90:
+        v = ops.random_rot90(v, cfg.rot90, g)
+    if cfg.rotation_degrees:
+        v = ops.random_rotation(v, cfg.rotation_degrees, g)
+    if c == 3:
+        s = cfg.color_jitter_strength
+        v = ops.color_jitter(v, cfg.color_jitter, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, g)
+        v = ops.random_grayscale(v, cfg.grayscale, g)
+    else:
+        v = ops.intensity_jitter(v, cfg.intensity_jitter, cfg.intensity_strength, g)
+    if cfg.blur:
+        v = ops.gaussian_blur(v, cfg.blur, cfg.blur_sigma, g)
+    if cfg.solarize:
+        v = ops.random_solarize(v, cfg.solarize, g)
+    if cfg.noise:
+        v = ops.gaussian_noise(v, cfg.noise, cfg.noise_std, g)
+    return v
+
+
+@dataclass
+class ViewRecipe:
+    """A list of (view config, output size) pairs plus the input standardisation.
+
+    Attributes:
+        views: one (config, size) per view the method consumes, in order.
+        mean: per-channel mean of the training images, in [0, 1] units.
+        std: per-channel standard deviation.
+    """
+
+    views: list[tuple[ViewConfig, int]]
+    mean: list[float]
+    std: list[float]
+
+    def __call__(self, images: torch.Tensor, g: torch.Generator) -> list[torch.Tensor]:
+        """(B, C, *S) uint8/float images -> len(views) normalised float views."""
+        x = to_float(images)
+        mean = torch.tensor(self.mean, device=x.device)
+        std = torch.tensor(self.std, device=x.device)
+        return [ops.normalize(augment(x, cfg, size, g), mean, std) for cfg, size in self.views]
+
+    def plain(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """The un-augmented, normalised input used for evaluation: (B, C, *S) -> (B, C, *size)."""
+        x = to_float(images)
+        if size is not None:
+            x = ops.center_resize(x, size)
+        mean = torch.tensor(self.mean, device=x.device)
+        std = torch.tensor(self.std, device=x.device)
+        return ops.normalize(x, mean, std)

@@ -1,0 +1,1 @@
+"""Command-line interface (``medlatent``): wiring only, heavy modules imported per command."""

@@ -1,0 +1,238 @@
+"""``medlatent``: the command-line tool.
+
+Every problem a user can fix (bad file, unknown key, missing checkpoint, diverged loss) is
+printed as one ``error:`` line with a non-zero exit. Heavy modules (torch, MONAI) are imported
+inside the commands, so ``medlatent --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from medlatent import __version__
+from medlatent.errors import MedlatentError
+
+
+@click.group(context_settings=dict(help_option_names=["-h", "--help"], max_content_width=100))
+@click.version_option(__version__, prog_name="medlatent")
+def cli() -> None:
+    """Label-efficient learning on biomedical images: self-supervised encoders and their probes."""
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@cli.group()
+def data() -> None:
+    """MedMNIST catalogue and downloads."""
+
+
+@data.command("list")
+@click.option("--data-dir", default=None, help="Data folder (default: $MEDLATENT_DATA, else ~/.cache/medlatent).")
+def data_list(data_dir: str | None) -> None:
+    """Every MedMNIST subset: task, classes, size, licence, and whether it is here (28 px)."""
+    from medlatent.data.catalogue import CATALOGUE
+    from medlatent.data.download import data_root, is_present
+
+    root = data_root(data_dir)
+    rows = [("name", "dims", "task", "classes", "ch", "train/val/test", "licence", "local")]
+    for info in CATALOGUE.values():
+        rows.append((info.name, f"{info.spatial_dims}-D", info.task, str(info.n_classes), str(info.channels),
+                     "/".join(str(info.splits[s]) for s in ("train", "val", "test")), info.licence,
+                     "yes" if is_present(info, 28, data_dir) else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    click.echo(f"\ndata folder: {root}   (sizes: 2-D 28/64/128/224 px, 3-D 28/64)")
+
+
+@data.command("download")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--size", default=28, show_default=True, help="Image side: 28, 64, 128 or 224.")
+@click.option("--data-dir", default=None, help="Data folder (default: $MEDLATENT_DATA, else ~/.cache/medlatent).")
+def data_download(names: tuple[str, ...], size: int, data_dir: str | None) -> None:
+    """Fetch official MedMNIST files (md5-verified; a file already here is verified, not fetched)."""
+    from medlatent.data.catalogue import get_info
+    from medlatent.data.download import fetch
+
+    for name in names:
+        path = fetch(get_info(name), size, data_dir)
+        click.echo(f"{name}: {path} (md5 ok)")
+
+
+# ------------------------------------------------------------------------------- pretrain
+
+
+def _apply_set(tree: dict[str, Any], assignment: str) -> None:
+    import yaml
+
+    from medlatent.errors import ConfigError
+
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected section.key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment}: {p} is not a section")
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+@cli.command()
+@click.option("--data", "data_name", default=None, help="MedMNIST subset, .npz file or image folder. [default: bloodmnist]")
+@click.option("--method", default=None, help="Self-supervised method. [default: simclr]")
+@click.option("--backbone", default=None, help="resnet18, resnet18-half, vit-tiny, vit-small. [default: resnet18-half]")
+@click.option("--epochs", type=int, default=None, help="Epochs over the training split. [default: 30]")
+@click.option("--batch-size", type=int, default=None, help="Global batch size. [default: 256]")
+@click.option("--lr", type=float, default=None, help="Peak learning rate for batch 256.")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd", "lars"]), default=None)
+@click.option("--size", type=int, default=None, help="Image side in pixels. [default: 28]")
+@click.option("--seed", type=int, default=None)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None)
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the encoder.")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--time-budget", type=float, default=None, help="Stop (with a checkpoint) after this many seconds.")
+@click.option("--data-dir", default=None, help="Data folder (default: $MEDLATENT_DATA, else ~/.cache/medlatent).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML config; flags override it.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. views.crop_scale=[0.3,1] or method_options.temperature=0.1.")
+@click.option("--output", default=None, help="Run folder. [default: runs/<data>-<method>-<time>]")
+@click.option("--resume", "resume", default=None, metavar="RUN", help="Continue the run in this folder exactly where its last checkpoint left it.")
+def pretrain(data_name: str | None, method: str | None, backbone: str | None, epochs: int | None,
+             batch_size: int | None, lr: float | None, optimizer: str | None, size: int | None,
+             seed: int | None, precision: str | None, compile_: bool | None, device: str | None,
+             time_budget: float | None, data_dir: str | None, config_file: str | None,
+             sets: tuple[str, ...], output: str | None, resume: str | None) -> None:
+    """Learn an encoder from unlabelled images (labels are never read)."""
+    from medlatent.config import PretrainConfig, from_dict, load_yaml
+    from medlatent.errors import ConfigError
+
+    if resume:
+        given = [n for n, v in dict(data=data_name, method=method, backbone=backbone, epochs=epochs,
+                                    config=config_file, output=output).items() if v]
+        if given or sets:
+            raise ConfigError(f"--resume uses the run's own config; drop {', '.join(given) or '--set'}")
+        cfg, out = None, resume
+    else:
+        tree: dict[str, Any] = load_yaml(config_file) if config_file else {}
+        flags = {"data.name": data_name, "method": method, "backbone.name": backbone, "train.epochs": epochs,
+                 "train.batch_size": batch_size, "optim.lr": lr, "optim.name": optimizer, "data.size": size,
+                 "train.seed": seed, "train.precision": precision, "train.compile": compile_,
+                 "train.device": device, "train.time_budget_s": time_budget, "data.data_dir": data_dir}
+        for key, value in flags.items():
+            if value is not None:
+                section, *rest = key.split(".")
+                if rest:
+                    tree.setdefault(section, {})[rest[0]] = value
+                else:
+                    tree[section] = value
+        for s in sets:
+            _apply_set(tree, s)
+        cfg = from_dict(PretrainConfig, tree, config_file or "config")
+        out = output
+    _run_pretraining(cfg, out, bool(resume))
+
+
+def _run_pretraining(cfg: Any, output: str | None, resume: bool) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from medlatent import dist
+    from medlatent.api import default_output, run_pretraining
+
+    out = Path(output) if output else default_output(cfg)
+    stop = {"asked": False}
+
+    def ask_stop(signum: int, frame: Any) -> None:
+        stop["asked"] = True
+
+    signal.signal(signal.SIGINT, ask_stop)
+    signal.signal(signal.SIGTERM, ask_stop)
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
+               TextColumn("ETA"), TimeRemainingColumn()]
+    with Progress(*columns, disable=not dist.is_main() and False, transient=False) as bar:
+        task = bar.add_task("pretrain", total=None, loss=float("nan"), ips=0.0)
+
+        def on_progress(p: Any) -> None:
+            bar.update(task, completed=p.step, total=p.total_steps, loss=p.loss, ips=p.images_per_s,
+                       description=f"epoch {p.epoch + 1}")
+
+        run, result = run_pretraining(cfg, out, resume, on_progress, lambda: stop["asked"])
+    if not dist.is_main():
+        return
+    click.echo(f"run: {run}  ({result.status} at step {result.step}/{result.total_steps}, {result.wall_s:.0f} s)")
+    if result.status == "stopped":
+        click.echo(f"stopped with a checkpoint; continue with: medlatent pretrain --resume {run}")
+        sys.exit(130)
+    if result.status == "budget":
+        click.echo(f"time budget reached; continue with: medlatent pretrain --resume {run}")
+    click.echo(f"next: medlatent probe {run}")
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--data", "data_name", default=None, help="Labelled data to probe on (default: the pretraining data).")
+@click.option("--split", "splits", multiple=True, default=("val", "test"), show_default=True)
+@click.option("--label-fraction", "fractions", multiple=True, type=float, default=(1.0,), show_default=True,
+              help="Fraction of training labels (repeatable: 0.01 0.1 1).")
+@click.option("--seeds", type=int, default=1, show_default=True, help="Label-subset draws per fraction < 1.")
+@click.option("--k", type=int, default=20, show_default=True, help="Neighbours for k-NN.")
+@click.option("--data-dir", default=None)
+@click.option("--device", default="auto", show_default=True)
+def probe(run: str, data_name: str | None, splits: tuple[str, ...], fractions: tuple[float, ...], seeds: int,
+          k: int, data_dir: str | None, device: str) -> None:
+    """k-NN and linear probe of a run's encoder: ACC and AUC as MedMNIST reports them."""
+    from medlatent.api import probe as run_probe
+
+    result = run_probe(run, data_name, splits, fractions, tuple(range(seeds)), k, data_dir, device)
+    click.echo(f"{result['data']} ({result['task']}), encoder at step {result['encoder_step']}")
+    click.echo(f"{'protocol':8} {'split':5} {'labels':>7}  {'ACC':>6}  {'AUC':>6}  {'bal.ACC':>7}")
+    for r in result["summary"]:
+        sd = f" ±{r['acc_std']:.3f}" if r["n_seeds"] > 1 else ""
+        click.echo(f"{r['protocol']:8} {r['split']:5} {r['fraction']:>7.0%}  {r['acc']:.4f}  {r['auc']:.4f}  "
+                   f"{r['balanced_acc']:.4f}{sd}")
+    click.echo(f"written: {Path(run) / 'probe.json'}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--split", default="test", show_default=True)
+@click.option("--out", default=None, help="Output .npz (default: <run>/embeddings-<split>.npz).")
+@click.option("--data", "data_name", default=None, help="Images to embed (default: the pretraining data).")
+@click.option("--data-dir", default=None)
+@click.option("--device", default="auto", show_default=True)
+def embed(run: str, split: str, out: str | None, data_name: str | None, data_dir: str | None, device: str) -> None:
+    """Write a split's embeddings (and labels) to an .npz for your own analysis."""
+    from medlatent.api import embed as run_embed
+
+    path = run_embed(run, split, out, data_name, data_dir, device)
+    click.echo(f"written: {path}")
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning user-fixable problems into one line and exit code 1."""
+    try:
+        code = cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except MedlatentError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Configuration as dataclasses: one per component, defaults explained, unknown keys rejected.
+
+YAML is read only at the CLI edge (:func:`load_yaml`); everything below takes explicit keyword
+arguments. :func:`from_dict` builds a (nested) dataclass from a mapping and names the exact key
+that is unknown or mistyped, e.g. ``config.yaml: optim.lrr is not a known key (known: name, lr, ...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, TypeVar
+
+from medlatent.errors import ConfigError
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------------------
+# generic mapping <-> dataclass
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config") -> T:
+    """Build dataclass ``cls`` from ``data``, recursing into nested dataclasses.
+
+    Raises:
+        ConfigError: on an unknown key or a value of the wrong type, naming ``where.key``.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"{where}.{key} is not a known key (known: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass as plain data (tuples become lists), ready for YAML or JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(obj))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)  # type: ignore[arg-type]
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing or malformed file is a one-line ConfigError."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config file ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p}: not valid YAML{at}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections (data, backbone, ...), got {type(data).__name__}")
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# pretraining configuration
+
+
+@dataclass
+class DataConfig:
+    """Which images to learn from."""
+
+    # A MedMNIST subset name (see `medlatent data list`), a .npz in MedMNIST layout, or an
+    # image folder (class-per-subfolder or flat).
+    name: str = "bloodmnist"
+    # Image side in pixels. MedMNIST ships 28, 64, 128 and 224; 28 px is the CPU working size
+    # (64 px costs ~5x per step on a 2-core machine).
+    size: int = 28
+    # Where data files live; None means $MEDLATENT_DATA, else ~/.cache/medlatent.
+    data_dir: str | None = None
+    # Split used for pretraining. Labels are never read by the self-supervised methods.
+    split: str = "train"
+    # 2 for images, 3 for volumes (MedMNIST 3-D subsets, NIfTI folders).
+    spatial_dims: int = 2
+    # Intensity normalisation for image folders: "none" keeps 8-bit values, "percentile" maps
+    # the 0.5-99.5 percentiles to [0, 1] (robust for 16-bit microscopy/X-ray), "window" uses
+    # window_center/window_width (CT in Hounsfield units).
+    normalize: Literal["none", "percentile", "window"] = "percentile"
+    window_center: float = 40.0
+    window_width: float = 400.0
+
+
+@dataclass
+class BackboneConfig:
+    """The encoder whose representation is learned."""
+
+    # resnet18 (64-128-256-512), resnet18-half (32-64-128-256; 3x faster on a CPU at 28 px),
+    # vit-tiny (dim 192, depth 12) or vit-small (dim 384, depth 12).
+    name: str = "resnet18-half"
+    # ViT patch side; None picks 4 px for <= 32 px images, 8 for <= 64, else 16 (7-8 patches a side).
+    patch_size: int | None = None
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule."""
+
+    # adamw needs no LR tuning across batch sizes at this scale; lars is SimCLR's choice for
+    # large batches; sgd for reference.
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
+    # Peak learning rate for batch 256, scaled linearly with batch size (Goyal et al. 2017).
+    lr: float = 2e-3
+    # Weight decay (not applied to biases and normalisation weights).
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    # Linear warm-up, then cosine decay to final_lr_fraction * lr (SimCLR, Chen et al. 2020).
+    warmup_epochs: float = 2.0
+    final_lr_fraction: float = 0.01
+    # Clip the global gradient norm; None disables. Guards the first steps of contrastive training.
+    clip_grad_norm: float | None = 5.0
+
+
+@dataclass
+class TrainConfig:
+    """How long and how to run."""
+
+    epochs: int = 30
+    # Global batch (split across processes under torchrun). Contrastive methods want many
+    # negatives; 256 fits a 2-core CPU at 28 px.
+    batch_size: int = 256
+    seed: int = 0
+    # auto: bf16 autocast where the hardware has bf16 matmul (AVX-512 BF16/AMX CPUs, Ampere+
+    # GPUs), else fp32. bf16 is ~3x faster on a Zen 4 CPU but ~12x slower on an AVX2-only one.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # auto: channels_last for convolutional encoders (1.2-3x on CPU), not for ViTs.
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    # torch.compile the encoder: ~1.2x faster steps on CPU after a 40-90 s first step.
+    compile: bool = False
+    # Save a checkpoint every this many optimiser steps (0: at the end of every epoch).
+    checkpoint_every: int = 0
+    # Also save at least every this many seconds, so a killed run loses little (0: off).
+    checkpoint_seconds: float = 600.0
+    # Checkpoints kept on disk (the newest ones).
+    keep_checkpoints: int = 2
+    # Write a metrics line every this many steps.
+    log_every: int = 10
+    # auto: CUDA if available, else CPU.
+    device: str = "auto"
+    # Stop after this many seconds of training (a wall-clock budget); 0 means no limit. The
+    # schedule still spans `epochs`, so a budgeted run is a truncated run, not a shorter one.
+    time_budget_s: float = 0.0
+
+
+@dataclass
+class ViewConfig:
+    """How a batch of images becomes augmented views (see medlatent.augment.views)."""
+
+    # Random resized crop: area fraction range. SimCLR uses (0.08, 1) at 224 px; at 28 px such
+    # small crops keep too little of a cell or lung, so the floor is raised.
+    crop_scale: tuple[float, float] = (0.25, 1.0)
+    crop_ratio: tuple[float, float] = (0.75, 4 / 3)
+    hflip: float = 0.5
+    # Vertical flips and 90-degree rotations: right for microscopy and pathology, where
+    # orientation carries no meaning; wrong for chest X-rays. None lets the data set decide.
+    vflip: float | None = None
+    rot90: float | None = None
+    # Free rotation in degrees (0 disables).
+    rotation_degrees: float = 0.0
+    # RGB colour jitter (SimCLR strength s: brightness/contrast/saturation 0.8s, hue 0.2s).
+    color_jitter: float = 0.8
+    color_jitter_strength: float = 0.5
+    grayscale: float = 0.2
+    # Grayscale intensity jitter (brightness, contrast, gamma) in place of colour jitter.
+    intensity_jitter: float = 0.8
+    intensity_strength: float = 0.4
+    blur: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize: float = 0.0
+    noise: float = 0.0
+    noise_std: float = 0.05
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs; written resolved into the run folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    # A method name from medlatent.ssl.registry (simclr, ...).
+    method: str = "simclr"
+    # Keyword arguments of the method's own config dataclass; unknown keys are rejected.
+    method_options: dict[str, Any] = field(default_factory=dict)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,1 @@
+"""Data: readers and the MedMNIST catalogue -> an in-memory tensor store (see store.py)."""

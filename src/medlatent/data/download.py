@@ -1,0 +1,107 @@
+"""Find MedMNIST files locally or download them, always verified by md5, written atomically.
+
+Lookup order for a data folder: an explicit ``data_dir``, then ``$MEDLATENT_DATA``, then
+``~/.cache/medlatent``. A file already there is used after its md5 matches the catalogue; a
+download goes to a temporary name in the same folder and is renamed only once its md5 matches,
+so an interrupted or corrupted download never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from medlatent.data.catalogue import MedMNISTInfo
+from medlatent.errors import DataError
+
+ENV_VAR = "MEDLATENT_DATA"
+_VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> md5, per process
+
+
+def data_root(data_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder where data files are looked for and downloaded to."""
+    if data_dir:
+        return Path(data_dir).expanduser()
+    if os.environ.get(ENV_VAR):
+        return Path(os.environ[ENV_VAR]).expanduser()
+    return Path.home() / ".cache" / "medlatent"
+
+
+def md5sum(path: Path, chunk: int = 1 << 20) -> str:
+    """md5 of a file, cached per process by (path, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _VERIFIED:
+        h = hashlib.md5()
+        with path.open("rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _VERIFIED[key] = h.hexdigest()
+    return _VERIFIED[key]
+
+
+def local_path(info: MedMNISTInfo, size: int = 28, data_dir: str | None = None) -> Path:
+    """Where the file for ``info`` at ``size`` lives (or would live) locally."""
+    _check_size(info, size)
+    return data_root(data_dir) / info.filename(size)
+
+
+def is_present(info: MedMNISTInfo, size: int = 28, data_dir: str | None = None) -> bool:
+    """True when the file exists locally (its md5 is checked when it is used)."""
+    return local_path(info, size, data_dir).is_file()
+
+
+def fetch(info: MedMNISTInfo, size: int = 28, data_dir: str | None = None,
+          timeout_s: float = 60.0) -> Path:
+    """Return the verified local file for ``info`` at ``size``, downloading it if absent.
+
+    Raises:
+        DataError: wrong md5 of a local file; download impossible (offline) with the URL, md5
+            and destination to put the file by hand; or a download with the wrong md5.
+    """
+    dest = local_path(info, size, data_dir)
+    expected = info.md5[size]
+    if dest.is_file():
+        got = md5sum(dest)
+        if got != expected:
+            raise DataError(f"{dest}: md5 is {got}, expected {expected} (official {info.filename(size)}); "
+                            f"the file is corrupt, truncated or not the official one: delete it and download again")
+        return dest
+    url = info.url(size)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{dest.parent}: cannot create data folder ({e.strerror}); set {ENV_VAR} or --data-dir") from None
+    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+    try:
+        got = _download(url, tmp, timeout_s)
+        if got != expected:
+            raise DataError(f"{url}: downloaded file has md5 {got}, expected {expected}; not saved")
+        os.replace(tmp, dest)
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
+        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or e
+        raise DataError(f"cannot download {info.filename(size)} from {url} ({reason}); "
+                        f"put the file with md5 {expected} at {dest}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _download(url: str, tmp: Path, timeout_s: float) -> str:
+    h = hashlib.md5()
+    req = urllib.request.Request(url, headers={"User-Agent": "medlatent"})
+    with urllib.request.urlopen(req, timeout=timeout_s) as r, tmp.open("wb") as f:
+        while block := r.read(1 << 20):
+            h.update(block)
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    return h.hexdigest()
+
+
+def _check_size(info: MedMNISTInfo, size: int) -> None:
+    if size not in info.md5:
+        raise DataError(f"{info.name} is published at sizes {', '.join(map(str, info.sizes))}, not {size}")

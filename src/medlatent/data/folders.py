@@ -1,0 +1,206 @@
+"""Image folders -> :class:`Dataset`, through MONAI's readers.
+
+Layouts understood (the first that fits):
+
+* ``root/{train,val,test}/<class>/*.png`` - labelled, with the user's own splits;
+* ``root/<class>/*.png``                  - labelled, one ``train`` split;
+* ``root/*.png``                          - unlabelled, one ``train`` split.
+
+Formats: PNG/JPEG/BMP (MONAI ``PILReader``), DICOM (MONAI ``PydicomReader``, extra ``io``),
+NIfTI (MONAI ``NibabelReader``, extra ``io``), 8- and 16-bit TIFF (``tifffile``, extra ``io``;
+MONAI has no plain TIFF reader, only whole-slide ones). Every image is centre-cropped to a
+square (as MedMNIST does), resized with antialiasing, and intensity-normalised. Grayscale stays
+1-channel; a folder mixing grayscale and RGB is promoted to RGB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medlatent.data.catalogue import BINARY, MULTI_CLASS
+from medlatent.data.store import Dataset, ImageSet
+from medlatent.errors import DataError
+
+EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".nii", ".nii.gz")
+SPLIT_NAMES = ("train", "val", "test")
+Normalize = Literal["none", "percentile", "window"]
+
+
+def load_folder(root: str | Path, size: int = 28, spatial_dims: int = 2,
+                normalize: Normalize = "percentile", window: tuple[float, float] = (40.0, 400.0),
+                percentiles: tuple[float, float] = (0.5, 99.5)) -> Dataset:
+    """Read every image under ``root`` into memory.
+
+    Args:
+        root: the folder (see the module docstring for layouts).
+        size: output side in pixels (voxels for spatial_dims=3).
+        spatial_dims: 2 for images, 3 for volumes.
+        normalize: "none" (8-bit kept as is, other integer types scaled by their range),
+            "percentile" (per-image percentiles to [0, 1]) or "window" (centre, width).
+        window: (centre, width) for normalize="window", e.g. (40, 400) for CT soft tissue.
+        percentiles: low and high percentiles for normalize="percentile".
+
+    Raises:
+        DataError: missing or empty folder; an unreadable image (named); images whose channel
+            counts cannot be reconciled.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
+    layout = _discover(root)
+    if not any(files for files, _ in layout.values()):
+        raise DataError(f"{root}: no images found (looked for {', '.join(EXTENSIONS)})")
+    class_names = sorted({c for _, classes in layout.values() for c in classes if c is not None})
+    splits: dict[str, ImageSet] = {}
+    arrays: dict[str, list[np.ndarray]] = {}
+    for split, (files, classes) in layout.items():
+        arrays[split] = [_prepare(f, size, spatial_dims, normalize, window, percentiles) for f in files]
+    n_channels = {a.shape[0] for arrs in arrays.values() for a in arrs}
+    target_c = max(n_channels)
+    if n_channels - {1, target_c}:
+        raise DataError(f"{root}: images have {sorted(n_channels)} channels; expected all the same (or grayscale mixed with RGB)")
+    all_uint8 = all(a.dtype == np.uint8 for arrs in arrays.values() for a in arrs)
+    for split, (files, classes) in layout.items():
+        if not files:
+            continue
+        same = [a if all_uint8 or a.dtype != np.uint8 else a.astype(np.float32) / 255 for a in arrays[split]]
+        images = torch.from_numpy(np.stack([np.repeat(a, target_c, 0) if a.shape[0] != target_c else a for a in same]))
+        labels = None
+        if class_names:
+            labels = torch.tensor([[class_names.index(c)] for c in classes], dtype=torch.int64)
+        splits[split] = ImageSet(images, labels)
+    task = None if not class_names else (BINARY if len(class_names) == 2 else MULTI_CLASS)
+    return Dataset(root.name, task, tuple(class_names), splits, str(root))
+
+
+def _discover(root: Path) -> dict[str, tuple[list[Path], list[str | None]]]:
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if subdirs and {p.name for p in subdirs} <= set(SPLIT_NAMES):
+        return {p.name: _classes(p) for p in subdirs}
+    return {"train": _classes(root)}
+
+
+def _classes(folder: Path) -> tuple[list[Path], list[str | None]]:
+    files, classes = [], []
+    direct = sorted(p for p in folder.iterdir() if _is_image(p))
+    if direct:
+        return direct, [None] * len(direct)
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        imgs = sorted(p for p in sub.rglob("*") if _is_image(p))
+        files += imgs
+        classes += [sub.name] * len(imgs)
+    return files, classes
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(EXTENSIONS)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """One file -> array (C, *spatial) in the file's own value range and dtype."""
+    name = path.name.lower()
+    try:
+        if name.endswith((".tif", ".tiff")):
+            a = _tifffile().imread(path)
+            channel_last = a.ndim == 3 and a.shape[-1] in (3, 4)
+        else:
+            reader = _monai_reader(name, path)
+            a, _ = reader.get_data(reader.read(str(path)))
+            a = np.asarray(a)
+            channel_last = a.ndim == 3 and a.shape[-1] in (3, 4) and not name.endswith((".nii", ".nii.gz", ".dcm"))
+            channel_last |= name.endswith(".dcm") and a.ndim == 3 and a.shape[-1] == 3
+    except DataError:
+        raise
+    except Exception as e:  # readers raise many types; the user needs the file and the reason
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: cannot read as an image ({msg})") from None
+    if a.ndim == 0 or a.size == 0:
+        raise DataError(f"{path}: cannot read as an image (no pixel data)")
+    if channel_last:
+        a = np.moveaxis(a[..., :3], -1, 0)  # drop alpha
+    else:
+        a = a[None]
+    return a
+
+
+def _prepare(path: Path, size: int, spatial_dims: int, normalize: Normalize,
+             window: tuple[float, float], percentiles: tuple[float, float]) -> np.ndarray:
+    a = read_image(path)
+    if a.ndim - 1 == spatial_dims + 1 and spatial_dims == 3:  # (1, X, Y, Z, T): T as channels
+        a = np.moveaxis(a[0], -1, 0)
+    if a.ndim - 1 != spatial_dims:
+        raise DataError(f"{path}: has {a.ndim - 1} spatial dimensions {a.shape[1:]}, expected {spatial_dims}-D"
+                        + (" (use --spatial-dims 3 for volumes)" if a.ndim - 1 > spatial_dims else ""))
+    keep_uint8 = normalize == "none" and a.dtype == np.uint8
+    x = torch.from_numpy(_scale(a, normalize, window, percentiles))[None]  # (1, C, *S)
+    x = _center_square(x)
+    mode = "bilinear" if spatial_dims == 2 else "trilinear"
+    x = F.interpolate(x, size=(size,) * spatial_dims, mode=mode, align_corners=False,
+                      antialias=spatial_dims == 2 and x.shape[-1] > size)
+    x = x[0].clamp_(0, 1)
+    if keep_uint8:
+        return (x * 255).round().to(torch.uint8).numpy()
+    return x.numpy()
+
+
+def _scale(a: np.ndarray, normalize: Normalize, window: tuple[float, float],
+           percentiles: tuple[float, float]) -> np.ndarray:
+    """Raw values -> float32 in [0, 1]."""
+    x = a.astype(np.float32)
+    if normalize == "window":
+        centre, width = window
+        return np.clip((x - (centre - width / 2)) / width, 0, 1)
+    if normalize == "percentile":
+        lo, hi = np.percentile(x, percentiles)
+        return np.clip((x - lo) / max(hi - lo, 1e-6), 0, 1)
+    if np.issubdtype(a.dtype, np.integer):
+        info = np.iinfo(a.dtype)
+        return np.clip((x - max(info.min, 0)) / (info.max - max(info.min, 0)), 0, 1)
+    lo, hi = float(x.min()), float(x.max())
+    return (x - lo) / max(hi - lo, 1e-6)
+
+
+def _center_square(x: torch.Tensor) -> torch.Tensor:
+    """Centre-crop the spatial dims of (1, C, *S) to the smallest side."""
+    side = min(x.shape[2:])
+    slices = [slice(None), slice(None)]
+    for s in x.shape[2:]:
+        start = (s - side) // 2
+        slices.append(slice(start, start + side))
+    return x[tuple(slices)]
+
+
+def _monai_reader(name: str, path: Path):  # noqa: ANN202 - MONAI reader classes
+    if name.endswith(".dcm"):
+        _require("pydicom", path)
+        from monai.data import PydicomReader
+
+        return PydicomReader(swap_ij=False)
+    if name.endswith((".nii", ".nii.gz")):
+        _require("nibabel", path)
+        from monai.data import NibabelReader
+
+        return NibabelReader()
+    from monai.data import PILReader
+
+    return PILReader(reverse_indexing=False)
+
+
+def _tifffile():  # noqa: ANN202
+    try:
+        import tifffile
+    except ImportError:
+        raise DataError("reading TIFF files needs tifffile: pip install 'medlatent[io]'") from None
+    return tifffile
+
+
+def _require(module: str, path: Path) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise DataError(f"{path}: reading this format needs {module}: pip install 'medlatent[io]'")

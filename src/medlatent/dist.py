@@ -1,0 +1,67 @@
+"""Distributed helpers (plain torch.distributed, as launched by ``torchrun``).
+
+Every function is a no-op or identity in a single process, so methods call them unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (n, ...) from every rank into (world * n, ...), keeping gradients.
+
+    PyTorch's ``torch.distributed.nn.functional.all_gather`` carries the gradient back: each
+    rank receives the sum over ranks of the gradients of its own slice, which is what a loss
+    computed on gathered negatives needs (SimCLR's global batch, Chen et al. 2020, Sec. 2.2).
+    """
+    if not is_distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank, without gradients (queues, evaluation)."""
+    if not is_distributed():
+        return x
+    out = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)
+
+
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over ranks (in place where possible); identity in one process."""
+    if is_distributed():
+        dist.all_reduce(x)
+        x /= world_size()
+    return x
+
+
+def init_from_env(device: torch.device) -> bool:
+    """Join the process group described by torchrun's environment; True when distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return is_distributed()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    return True

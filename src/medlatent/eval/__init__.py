@@ -1,0 +1,1 @@
+"""Evaluation: frozen features -> k-NN and linear probes -> MedMNIST-comparable ACC/AUC."""

@@ -1,0 +1,38 @@
+"""Frozen features: run an encoder over stored images once, cache the (N, D) result."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from medlatent.augment import ops
+from medlatent.data.store import to_float
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, images: torch.Tensor, mean: list[float], std: list[float],
+                     device: torch.device, autocast_dtype: torch.dtype | None = None,
+                     batch_size: int = 512, channels_last: bool = False) -> torch.Tensor:
+    """Encoder outputs for every image, in order.
+
+    Args:
+        encoder: maps (B, C, *S) to (B, D).
+        images: (N, C, *S) uint8 or float in [0, 1].
+        mean, std: per-channel input standardisation used in pretraining.
+
+    Returns:
+        (N, D) float32 on the CPU.
+    """
+    was_training = encoder.training
+    encoder.eval().to(device)
+    m = torch.tensor(mean, device=device)
+    s = torch.tensor(std, device=device)
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = ops.normalize(to_float(images[start:start + batch_size].to(device)), m, s)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            out.append(encoder(x).float().cpu())
+    encoder.train(was_training)
+    return torch.cat(out)

@@ -1,0 +1,1 @@
+"""Networks: encoders (backbones.py) and heads (heads.py)."""

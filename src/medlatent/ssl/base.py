@@ -1,0 +1,51 @@
+"""The small contract every self-supervised method meets (see DESIGN.md, "The method contract").
+
+A method is an ``nn.Module`` holding an ``encoder`` (what evaluation and export use), its heads
+and its loss. ``forward(views)`` returns a :class:`StepOutput`; ``on_step_end`` runs after the
+optimiser step (EMA teachers, queues, centres). Nothing else is inherited.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.nn as nn
+
+from medlatent.config import ViewConfig
+
+
+@dataclass
+class StepOutput:
+    """What one training step produced: the loss to minimise and scalars to log."""
+
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    encoder: nn.Module
+
+    def forward(self, views: list[torch.Tensor]) -> StepOutput: ...
+
+    def on_step_end(self, step: int, total_steps: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registry entry: how to build a method and which views it consumes.
+
+    Attributes:
+        name: the name used by ``--method``.
+        options: the method's config dataclass (unknown keys are rejected).
+        build: (encoder, options) -> method module.
+        views: (base view config, image size, options) -> [(view config, size), ...].
+        summary: one line for ``--help`` and the README.
+    """
+
+    name: str
+    options: type
+    build: Callable[[nn.Module, Any], nn.Module]
+    views: Callable[[ViewConfig, int, Any], list[tuple[ViewConfig, int]]]
+    summary: str

@@ -1,0 +1,1 @@
+"""Training: optimiser and schedule, precision, checkpoints, run folders, the step loop."""

@@ -1,0 +1,177 @@
+"""The training loop: views -> method -> loss -> optimiser step, with checkpoints and metrics.
+
+Randomness is a pure function of (seed, step, rank): the batch order of epoch e comes from a
+generator seeded by (seed, e), the views of step s from one seeded by (seed, s, rank). A run
+resumed from the checkpoint of step s therefore replays exactly what an uninterrupted run does,
+with no RNG state to save. Nothing here prints; progress goes to the ``on_progress`` callback.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from medlatent import dist
+from medlatent.augment.views import ViewRecipe
+from medlatent.config import PretrainConfig
+from medlatent.data.store import epoch_batches, mix_seed
+from medlatent.errors import CheckpointError, TrainingDiverged
+from medlatent.train import checkpoint
+from medlatent.train.optim import build_optimizer, lr_at, scaled_lr
+from medlatent.train.precision import memory_format
+from medlatent.train.runs import RunDir
+
+
+@dataclass
+class FitResult:
+    """How a call to :func:`fit` ended."""
+
+    step: int
+    total_steps: int
+    status: str  # "finished", "budget" (time budget reached) or "stopped" (asked to stop)
+    wall_s: float
+
+
+@dataclass
+class Progress:
+    """What the progress callback receives after every step."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    lr: float
+    images_per_s: float
+    eta_s: float
+
+
+def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: PretrainConfig, run: RunDir,
+        device: torch.device, autocast_dtype: torch.dtype | None, channels_last: bool,
+        on_progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        logs_hook: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
+    """Train ``method`` on ``images`` (N, C, *S) for ``cfg.train.epochs``, resuming if ``run``
+    holds a checkpoint.
+
+    Raises:
+        TrainingDiverged: the loss became NaN/inf; the last good checkpoint is kept.
+    """
+    t = cfg.train
+    world, rank = dist.world_size(), dist.rank()
+    if t.batch_size % world:
+        raise CheckpointError(f"train.batch_size {t.batch_size} is not divisible by {world} processes")
+    per_rank = t.batch_size // world
+    steps_per_epoch = len(images) // t.batch_size
+    total = t.epochs * steps_per_epoch
+    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    peak_lr = scaled_lr(cfg.optim, t.batch_size)
+    spatial_dims = images.dim() - 2
+
+    # --- model, optimiser, resume ----------------------------------------------------------
+    method.to(device)
+    if channels_last:
+        method.to(memory_format=memory_format(spatial_dims))
+    optimizer = build_optimizer(method, cfg.optim, peak_lr)
+    start = 0
+    ckpt = checkpoint.latest(run.checkpoints)
+    if ckpt is not None:
+        method.load_state_dict(ckpt.model)
+        if channels_last:
+            method.to(memory_format=memory_format(spatial_dims))
+        if ckpt.optimizer is not None:
+            optimizer.load_state_dict(ckpt.optimizer)
+        start = ckpt.step
+        if dist.is_main():
+            run.truncate_metrics(start)
+    if start >= total:
+        return FitResult(start, total, "finished", 0.0)
+    model: nn.Module = method
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            nn.SyncBatchNorm.convert_sync_batchnorm(method),
+            device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        method.encoder.compile()
+    images = images.to(device)
+
+    def save(step: int) -> None:
+        if dist.is_main():
+            checkpoint.save(run.checkpoints, step, method, optimizer,
+                            dict(epoch=step // steps_per_epoch, total_steps=total), keep=t.keep_checkpoints)
+
+    # --- the loop ----------------------------------------------------------------------------
+    wall0 = time.perf_counter()
+    last_ckpt = time.perf_counter()
+    window_t, window_n, window_loss = time.perf_counter(), 0, []
+    batches: list[torch.Tensor] = []
+    epoch = -1
+    status = "finished"
+    step = start
+    for step in range(start, total):
+        if step // steps_per_epoch != epoch:
+            epoch = step // steps_per_epoch
+            batches = epoch_batches(len(images), t.batch_size, t.seed, epoch)
+        index = batches[step % steps_per_epoch][rank * per_rank:(rank + 1) * per_rank].to(device)
+        g = torch.Generator(device=device).manual_seed(mix_seed(t.seed, step, rank))
+        torch.manual_seed(mix_seed(t.seed, step, rank, 1))  # dropout, masking inside methods
+
+        views = recipe(images[index], g)  # [(B, C, *S), ...]
+        if channels_last:
+            views = [v.contiguous(memory_format=memory_format(spatial_dims)) for v in views]
+        lr = lr_at(step, total, warmup, peak_lr, cfg.optim.final_lr_fraction)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            out = model(views)
+        loss_value = float(out.loss.detach())
+        if not math.isfinite(loss_value):
+            last = checkpoint.list_checkpoints(run.checkpoints)
+            if dist.is_main():
+                run.log(dict(step=step, event="diverged", loss=str(loss_value)))
+            raise TrainingDiverged(
+                f"loss became {loss_value} at step {step} (epoch {epoch}); training stopped, "
+                f"last good checkpoint: {last[-1] if last else 'none (diverged before the first)'}")
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if cfg.optim.clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad_norm)
+        optimizer.step()
+        method.on_step_end(step, total)
+
+        # --- bookkeeping -----------------------------------------------------------------
+        done = step + 1
+        window_n += t.batch_size
+        window_loss.append(loss_value)
+        if logs_hook is not None:
+            logs_hook(done, out.logs)
+        if done % t.log_every == 0 or done == total:
+            elapsed = time.perf_counter() - window_t
+            record = dict(step=done, epoch=done / steps_per_epoch,
+                          loss=sum(window_loss) / len(window_loss), lr=lr,
+                          images_per_s=window_n / max(elapsed, 1e-9),
+                          time_s=time.perf_counter() - wall0, **out.logs)
+            if dist.is_main():
+                run.log(record)
+            window_t, window_n, window_loss = time.perf_counter(), 0, []
+        if on_progress is not None:
+            rate = (done - start) / max(time.perf_counter() - wall0, 1e-9)
+            on_progress(Progress(done, total, epoch, loss_value, lr, rate * t.batch_size,
+                                 (total - done) / max(rate, 1e-9)))
+        epoch_end = done % steps_per_epoch == 0
+        due = (t.checkpoint_every and done % t.checkpoint_every == 0) or (not t.checkpoint_every and epoch_end)
+        due = due or (t.checkpoint_seconds and time.perf_counter() - last_ckpt > t.checkpoint_seconds)
+        over_budget = bool(t.time_budget_s) and time.perf_counter() - wall0 > t.time_budget_s
+        stop = should_stop is not None and should_stop()
+        if due or done == total or over_budget or stop:
+            save(done)
+            last_ckpt = time.perf_counter()
+        if over_budget or stop:
+            status = "budget" if over_budget else "stopped"
+            break
+    return FitResult(step + 1, total, status, time.perf_counter() - wall0)

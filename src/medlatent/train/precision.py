@@ -1,0 +1,71 @@
+"""Choose numeric precision and memory layout from what the hardware does fast.
+
+bf16 autocast is ~3x faster than fp32 for a small ResNet on a Zen 4 CPU with AVX-512 BF16, and
+~12x *slower* on an AVX2-only CPU (bf16 matmul falls back to scalar code: 0.9 vs 160 GFLOP/s,
+measured on this project's CI host). So "auto" asks the hardware rather than assuming.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+
+from medlatent.errors import ConfigError
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """CPU feature flags from /proc/cpuinfo (empty where unavailable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """True where bf16 matrix multiplication runs in hardware."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    return False
+
+
+def resolve_precision(requested: Literal["auto", "fp32", "bf16"], device: torch.device) -> torch.dtype | None:
+    """The autocast dtype to use (None: plain fp32)."""
+    if requested == "fp32":
+        return None
+    if requested == "bf16":
+        return torch.bfloat16
+    if requested == "auto":
+        return torch.bfloat16 if bf16_is_fast(device) else None
+    raise ConfigError(f"train.precision: unknown value {requested!r}")
+
+
+def resolve_channels_last(requested: Literal["auto", "on", "off"], encoder: torch.nn.Module) -> bool:
+    """channels_last helps convolutions (1.2x fp32, more with bf16 on CPU), not transformers."""
+    if requested == "auto":
+        return bool(getattr(encoder, "prefers_channels_last", False))
+    return requested == "on"
+
+
+def memory_format(spatial_dims: int) -> torch.memory_format:
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"train.device: unknown device {requested!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device is available")
+    return device
