@@ -27,18 +27,38 @@ def is_main() -> bool:
     return rank() == 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward hands each rank the sum over ranks of its slice's gradient.
+
+    Written here because ``torch.distributed.nn.functional.all_gather`` is deprecated in
+    torch 2.13 and its backward (all-to-all) aborts under the gloo backend used on CPUs.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # every rank's loss depends on every slice: sum their gradients
+        n = grad.shape[0] // dist.get_world_size()
+        r = dist.get_rank()
+        return grad[r * n:(r + 1) * n]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` (n, ...) from every rank into (world * n, ...), keeping gradients.
 
-    PyTorch's ``torch.distributed.nn.functional.all_gather`` carries the gradient back: each
-    rank receives the sum over ranks of the gradients of its own slice, which is what a loss
-    computed on gathered negatives needs (SimCLR's global batch, Chen et al. 2020, Sec. 2.2).
+    Each rank receives the sum over ranks of the gradients of its own slice, which is what a
+    loss on gathered negatives needs (SimCLR's global batch, Chen et al. 2020, Sec. 2.2).
+    All ranks must pass the same shape.
     """
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:

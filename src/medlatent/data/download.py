@@ -18,6 +18,7 @@ from medlatent.data.catalogue import MedMNISTInfo
 from medlatent.errors import DataError
 
 ENV_VAR = "MEDLATENT_DATA"
+MIRROR_VAR = "MEDLATENT_MIRROR"  # base URL of a mirror holding the MedMNIST files (http(s):// or file://)
 _VERIFIED: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> md5, per process
 
 
@@ -70,7 +71,7 @@ def fetch(info: MedMNISTInfo, size: int = 28, data_dir: str | None = None,
             raise DataError(f"{dest}: md5 is {got}, expected {expected} (official {info.filename(size)}); "
                             f"the file is corrupt, truncated or not the official one: delete it and download again")
         return dest
-    url = info.url(size)
+    url = source_url(info, size)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -88,6 +89,12 @@ def fetch(info: MedMNISTInfo, size: int = 28, data_dir: str | None = None,
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def source_url(info: MedMNISTInfo, size: int = 28) -> str:
+    """The official Zenodo address, or the file's address on ``$MEDLATENT_MIRROR`` when set."""
+    mirror = os.environ.get(MIRROR_VAR)
+    return f"{mirror.rstrip('/')}/{info.filename(size)}" if mirror else info.url(size)
 
 
 def _download(url: str, tmp: Path, timeout_s: float) -> str:

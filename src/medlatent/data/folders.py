@@ -137,7 +137,7 @@ def _prepare(path: Path, size: int, spatial_dims: int, normalize: Normalize,
         raise DataError(f"{path}: has {a.ndim - 1} spatial dimensions {a.shape[1:]}, expected {spatial_dims}-D"
                         + (" (use --spatial-dims 3 for volumes)" if a.ndim - 1 > spatial_dims else ""))
     keep_uint8 = normalize == "none" and a.dtype == np.uint8
-    x = torch.from_numpy(_scale(a, normalize, window, percentiles))[None]  # (1, C, *S)
+    x = torch.from_numpy(_scale(a, normalize, window, percentiles).astype(np.float32))[None]  # (1, C, *S)
     x = _center_square(x)
     mode = "bilinear" if spatial_dims == 2 else "trilinear"
     x = F.interpolate(x, size=(size,) * spatial_dims, mode=mode, align_corners=False,

@@ -1,0 +1,50 @@
+"""Two real processes (gloo, CPU) against one: the gathered NT-Xent loss and its gradients."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
+
+from medlatent.losses import NTXentLoss
+
+WORLD, N, D, T = 2, 6, 16, 0.3
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(WORLD * N, D, generator=g), torch.randn(WORLD * N, D, generator=g)
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    z_a, z_b = _inputs()
+    mine = slice(rank * N, (rank + 1) * N)
+    a = z_a[mine].clone().requires_grad_()
+    b = z_b[mine].clone().requires_grad_()
+    loss = NTXentLoss(T, gather_distributed=True)(a, b)
+    loss.backward()
+    save_file(dict(loss=loss.detach().reshape(1), grad_a=a.grad, grad_b=b.grad), f"{out_dir}/rank{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(tmp_path: Path):
+    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    z_a, z_b = _inputs()
+    a, b = z_a.clone().requires_grad_(), z_b.clone().requires_grad_()
+    single = NTXentLoss(T)(a, b)
+    single.backward()
+    parts = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(WORLD)]
+    # the mean of the per-process losses is the single-process loss
+    assert abs(float(sum(p["loss"] for p in parts)) / WORLD - float(single)) < 1e-5
+    # each process's gradient, averaged as DDP does (divided by the world size), is the
+    # single-process gradient of its own rows
+    for r, p in enumerate(parts):
+        mine = slice(r * N, (r + 1) * N)
+        assert torch.allclose(p["grad_a"] / WORLD, a.grad[mine], atol=1e-6)
+        assert torch.allclose(p["grad_b"] / WORLD, b.grad[mine], atol=1e-6)
