@@ -121,11 +121,11 @@ def load_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
 
     run = RunDir(Path(run_dir))
     cfg = run.read_config()
-    meta = run.read_json("data.json")
     ckpt = checkpoint.latest(run.checkpoints, with_optimizer=False)
     if ckpt is None:
         raise CheckpointError(f"{run.path}: has no checkpoint yet (a run writes its first one at the end of "
                               f"epoch 1); nothing to evaluate")
+    meta = run.read_json("data.json")
     encoder = build_encoder(cfg.backbone.name, meta["channels"], meta["image_size"], meta["spatial_dims"],
                             cfg.backbone.patch_size)
     weights = {k[len("encoder."):]: v for k, v in ckpt.model.items() if k.startswith("encoder.")}

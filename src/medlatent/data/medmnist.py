@@ -75,7 +75,18 @@ def load_npz(path: str | Path, splits: tuple[str, ...] = SPLITS, spatial_dims: i
     if info is not None:
         return Dataset(info.name, info.task, info.labels, out, str(path),
                        {"licence": info.licence, "modality": info.modality})
-    return Dataset(path.stem, _guess_task(out), (), out, str(path))
+    task = _guess_task(out)
+    return Dataset(path.stem, task, _class_names(out, task), out, str(path))
+
+
+def _class_names(splits: dict[str, ImageSet], task: str | None) -> tuple[str, ...]:
+    """Names "0", "1", ... for labels found in a file that carries no names."""
+    labelled = [s.labels for s in splits.values() if s.labels is not None]
+    if task is None or not labelled:
+        return ()
+    y = torch.cat(labelled)
+    n = y.shape[1] if y.shape[1] > 1 else int(y.max()) + 1
+    return tuple(str(i) for i in range(n))
 
 
 def _to_nchw(a: np.ndarray, spatial_dims: int | None, path: Path, split: str) -> torch.Tensor:
