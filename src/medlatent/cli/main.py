@@ -88,7 +88,7 @@ def _apply_set(tree: dict[str, Any], assignment: str) -> None:
 @cli.command()
 @click.option("--data", "data_name", default=None, help="MedMNIST subset, .npz file or image folder. [default: bloodmnist]")
 @click.option("--method", default=None, help="Self-supervised method. [default: simclr]")
-@click.option("--backbone", default=None, help="resnet18, resnet18-half, vit-tiny, vit-small. [default: resnet18-half]")
+@click.option("--backbone", default=None, help="resnet18, resnet18-half, resnet18-quarter, vit-tiny, vit-small. [default: resnet18-quarter]")
 @click.option("--epochs", type=int, default=None, help="Epochs over the training split. [default: 30]")
 @click.option("--batch-size", type=int, default=None, help="Global batch size. [default: 256]")
 @click.option("--lr", type=float, default=None, help="Peak learning rate for batch 256.")

@@ -101,7 +101,7 @@ def default_patch_size(img_size: int) -> int:
     return 4 if img_size <= 32 else 8 if img_size <= 64 else 16
 
 
-ENCODERS = ("resnet18", "resnet18-half", "vit-tiny", "vit-small")
+ENCODERS = ("resnet18", "resnet18-half", "resnet18-quarter", "vit-tiny", "vit-small")
 
 
 def build_encoder(name: str, in_channels: int, img_size: int, spatial_dims: int = 2,
@@ -111,6 +111,8 @@ def build_encoder(name: str, in_channels: int, img_size: int, spatial_dims: int 
         return SmallImageResNet(in_channels, spatial_dims, width=64)
     if name == "resnet18-half":
         return SmallImageResNet(in_channels, spatial_dims, width=32)
+    if name == "resnet18-quarter":  # 16-32-64-128: 3.3x faster than half width on a CPU
+        return SmallImageResNet(in_channels, spatial_dims, width=16)
     if name in ("vit-tiny", "vit-small"):
         dim, heads = (192, 3) if name == "vit-tiny" else (384, 6)
         return ViTEncoder(in_channels, img_size, patch_size or default_patch_size(img_size),
