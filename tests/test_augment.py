@@ -32,47 +32,73 @@ def test_same_seed_same_views_and_different_seed_different_views():
 
 def test_full_crop_is_identity():
     x = batch()
-    y = ops.random_resized_crop(x, 28, (1.0, 1.0), (1.0, 1.0), gen())
-    assert torch.allclose(x, y, atol=1e-5)
+    assert torch.allclose(ops.random_geometry(x, 28, gen()), x, atol=1e-5)
 
 
 def test_crop_area_follows_scale():
     # a crop of 1/4 of the area of a linear ramp spans half the range along each axis
     ramp = torch.linspace(0, 1, 64).expand(64, 64)[None, None].repeat(16, 1, 1, 1)
-    y = ops.random_resized_crop(ramp, 64, (0.25, 0.25), (1.0, 1.0), gen())
+    y = ops.random_geometry(ramp, 64, gen(), scale=(0.25, 0.25))
     span = y[..., 0, -1] - y[..., 0, 0]
     assert torch.allclose(span, torch.full_like(span, 0.5), atol=0.03)
 
 
-def test_flips_and_rot90_are_exact_permutations():
+def test_flips_and_rot90_through_the_affine_are_exact():
     x = batch()
-    assert torch.equal(ops.random_flip(x, 1.0, -1, gen()), x.flip(-1))
-    assert torch.equal(ops.random_flip(x, 0.0, -1, gen()), x)
-    y = ops.random_rot90(x, 1.0, gen())
+    assert torch.allclose(ops.random_geometry(x, 28, gen(), hflip=1.0), x.flip(-1), atol=1e-5)
+    assert torch.allclose(ops.random_geometry(x, 28, gen(), vflip=1.0), x.flip(-2), atol=1e-5)
+    assert torch.allclose(ops.random_geometry(x, 28, gen(), hflip=0.0), x, atol=1e-5)
+    x = batch(32)
+    y = ops.random_geometry(x, 28, gen(), rot90=1.0)
+    turns = set()
     for i in range(len(x)):
-        assert any(torch.equal(y[i], torch.rot90(x[i], k, (-2, -1))) for k in (1, 2, 3))
+        match = [k for k in (1, 2, 3) if torch.allclose(y[i], torch.rot90(x[i], k, (-2, -1)), atol=1e-5)]
+        assert len(match) == 1
+        turns.add(match[0])
+    assert turns == {1, 2, 3}
 
 
 def test_rotation_by_zero_degrees_is_identity():
     x = batch()
-    assert torch.allclose(ops.random_rotation(x, 0.0, gen()), x, atol=1e-5)
+    assert torch.allclose(ops.random_geometry(x, 28, gen(), degrees=1e-9), x, atol=1e-5)
 
 
 def test_color_jitter_off_and_grayscale_on():
     x = batch()
-    assert torch.equal(ops.color_jitter(x, 0.0, 0.4, 0.4, 0.4, 0.1, gen()), x)
-    g = ops.random_grayscale(x, 1.0, gen())
+    assert torch.allclose(ops.color_jitter(x, 0.0, 0.4, 0.4, 0.4, 0.1, gen()), x, atol=1e-6)
+    g = ops.color_jitter(x, 0.0, 0.4, 0.4, 0.4, 0.1, gen(), grayscale=1.0)
     assert torch.allclose(g[:, 0], g[:, 1]) and torch.allclose(g[:, 1], g[:, 2])
     assert torch.allclose(g[:, 0], 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2], atol=1e-6)
+
+
+def naive_jitter(x: torch.Tensor, b: float, k: float, s: float) -> torch.Tensor:
+    """torchvision's brightness, contrast, saturation for one image, without intermediate clamps."""
+    luma = lambda t: 0.299 * t[0] + 0.587 * t[1] + 0.114 * t[2]  # noqa: E731
+    y = x * b
+    y = k * y + (1 - k) * luma(y).mean()
+    return s * y + (1 - s) * luma(y)[None]
+
+
+def test_composed_color_matrix_matches_the_ops_one_by_one():
+    x = batch(6) * 0.4 + 0.3  # away from 0 and 1, where the single clamp cannot differ
+    g1 = gen(7)
+    a, c = ops.color_transform(x, g1, 1.0, 0.3, 0.3, 0.3, 0.0, 0.0)
+    g2 = gen(7)  # replay the same draws
+    fb, fk, fs = (ops.uniform(g2, 6, 0.7, 1.3) for _ in range(3))
+    out = ops.apply_color(x, a, c)
+    for i in range(6):
+        ref = naive_jitter(x[i], float(fb[i]), float(fk[i]), float(fs[i])).clamp(0, 1)
+        assert torch.allclose(out[i], ref, atol=1e-5)
 
 
 def test_hue_rotation_keeps_gray_and_luma():
     gray = torch.full((4, 3, 8, 8), 0.4)
     out = ops.color_jitter(gray, 1.0, 0.0, 0.0, 0.0, 0.5, gen())
     assert torch.allclose(out, gray, atol=1e-5)  # hue does not touch gray pixels
-    x = batch(4) * 0.5 + 0.25  # stay clear of the clamp
+    x = batch(4) * 0.2 + 0.4  # near gray: a 36-degree chroma rotation stays inside [0, 1]
     out = ops.color_jitter(x, 1.0, 0.0, 0.0, 0.0, 0.1, gen())
     assert torch.allclose(ops.luminance(out), ops.luminance(x), atol=1e-4)  # rotation in the chroma plane
+    assert not torch.allclose(out, x, atol=1e-3)
 
 
 def test_intensity_jitter_keeps_range():
@@ -129,3 +155,15 @@ def test_views_on_gpu_match_shapes():
     g = torch.Generator(device="cuda").manual_seed(0)
     v = recipe(x, g)
     assert v[0].is_cuda and v[0].shape == (8, 3, 28, 28) and math.isfinite(float(v[0].sum()))
+
+
+def test_warp_grid_equals_torch_affine_grid():
+    import torch.nn.functional as F
+
+    for shape, size in (((5, 3, 20, 20), 28), ((2, 1, 10, 10, 10), 12)):
+        x = torch.rand(*shape, generator=gen())
+        d = len(shape) - 2
+        theta = torch.randn(shape[0], d, d + 1, generator=gen(1))
+        grid = F.affine_grid(theta, [shape[0], shape[1]] + [size] * d, align_corners=False)
+        ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        assert torch.allclose(ops.warp(x, theta, size), ref, atol=1e-5)

@@ -12,6 +12,7 @@ op here is a handful of tensor operations over the whole batch.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -42,36 +43,96 @@ def _select(mask: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 
 
 # --------------------------------------------------------------------------------------------
-# geometry
+# geometry: every geometric op is a per-sample matrix; one grid_sample applies their product
+#
+# Matrices act on normalised output coordinates (x, y[, z]) = (W, H[, D]) axes in [-1, 1] and
+# return input coordinates (F.affine_grid's convention). Composing crop, flips and rotations
+# into one (B, d, d+1) matrix resamples the batch once instead of once per op.
 
 
-def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float],
-                        ratio: tuple[float, float], g: torch.Generator) -> torch.Tensor:
-    """Crop a random region of random area and aspect ratio, resized to ``size`` (Inception crop).
-
-    Args:
-        x: (B, C, *S) batch.
-        size: output side; output is (B, C, size, ..., size).
-        scale: range of the crop's area (volume) as a fraction of the image.
-        ratio: range of width/height aspect ratios (sampled log-uniformly; 2-D only, volumes
-            are cropped isotropically).
-    """
-    b, c, *spatial = x.shape
-    d = len(spatial)
+def crop_matrix(g: torch.Generator, b: int, d: int, scale: tuple[float, float],
+                ratio: tuple[float, float]) -> torch.Tensor:
+    """Random resized crop (Inception crop) as (B, d, d+1): area fraction uniform in ``scale``,
+    aspect ratio log-uniform in ``ratio`` (2-D; volumes are cropped isotropically), position
+    uniform inside the image."""
     area = uniform(g, b, *scale)
     if d == 2:
-        log_r = uniform(g, b, math.log(ratio[0]), math.log(ratio[1]))
-        r = log_r.exp()
+        r = uniform(g, b, math.log(ratio[0]), math.log(ratio[1])).exp()
         sides = torch.stack([(area * r).sqrt(), (area / r).sqrt()], 1)  # (B, 2) as (w, h) fractions
     else:
         sides = area.pow(1 / d)[:, None].expand(b, d)  # (B, d)
     sides = sides.clamp(max=1.0)
-    centre = (torch.rand(b, d, generator=g, device=g.device) * 2 - 1) * (1 - sides)  # (B, d) in [-1, 1]
-    theta = torch.zeros(b, d, d + 1, device=x.device)
+    centre = (torch.rand(b, d, generator=g, device=g.device) * 2 - 1) * (1 - sides)  # (B, d)
+    theta = torch.zeros(b, d, d + 1, device=g.device)
     theta[:, range(d), range(d)] = sides
     theta[:, :, d] = centre
-    grid = F.affine_grid(theta, [b, c] + [size] * d, align_corners=False)
+    return theta
+
+
+def flip_matrix(g: torch.Generator, b: int, d: int, p: float, axis: int) -> torch.Tensor:
+    """(B, d, d): with probability p, mirror coordinate ``axis`` (0: left-right, 1: up-down)."""
+    m = torch.eye(d, device=g.device).repeat(b, 1, 1)
+    m[:, axis, axis] = 1 - 2 * coin(g, b, p).float()
+    return m
+
+
+def rot90_matrix(g: torch.Generator, b: int, d: int, p: float) -> torch.Tensor:
+    """(B, d, d): with probability p, a rotation by 90, 180 or 270 degrees in the (x, y) plane.
+    Exact on square grids: pixel centres land on pixel centres."""
+    k = torch.randint(1, 4, (b,), generator=g, device=g.device) * coin(g, b, p)
+    return _plane_rotation(k.float() * (math.pi / 2), d).round()
+
+
+def rotation_matrix(g: torch.Generator, b: int, d: int, degrees: float) -> torch.Tensor:
+    """(B, d, d): rotation by an angle uniform in [-degrees, degrees] in the (x, y) plane."""
+    return _plane_rotation(uniform(g, b, -degrees, degrees) * (math.pi / 180), d)
+
+
+def _plane_rotation(angle: torch.Tensor, d: int) -> torch.Tensor:
+    m = torch.eye(d, device=angle.device).repeat(len(angle), 1, 1)
+    cos, sin = angle.cos(), angle.sin()
+    m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1] = cos, -sin, sin, cos
+    return m
+
+
+@functools.lru_cache(maxsize=16)
+def _base_grid(size: int, d: int, device: torch.device) -> torch.Tensor:
+    """(size^d, d + 1) homogeneous output coordinates: pixel centres in [-1, 1], x fastest."""
+    t = (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
+    axes = torch.meshgrid(*([t] * d), indexing="ij")  # slowest axis first: (z,) y, x
+    coords = [a.reshape(-1) for a in reversed(axes)]  # x, y(, z)
+    return torch.stack(coords + [torch.ones_like(coords[0])], dim=1)
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    """Resample (B, C, *S) through per-sample affine maps (B, d, d+1) to side ``size``
+    (bilinear, reflection padding).
+
+    Same grid as ``F.affine_grid(align_corners=False)``, built as one batched matmul against a
+    cached base grid (affine_grid rebuilds its base grid per call and costs more than the
+    resampling itself on small images)."""
+    b, d = x.shape[0], x.dim() - 2
+    grid = _base_grid(size, d, x.device) @ theta.to(torch.float32).transpose(1, 2)  # (B, size^d, d)
+    grid = grid.view(b, *([size] * d), d).to(x.dtype)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def random_geometry(x: torch.Tensor, size: int, g: torch.Generator, scale: tuple[float, float] = (1.0, 1.0),
+                    ratio: tuple[float, float] = (1.0, 1.0), hflip: float = 0.0, vflip: float = 0.0,
+                    rot90: float = 0.0, degrees: float = 0.0) -> torch.Tensor:
+    """Crop, flips and rotations in one resampling: (B, C, *S) -> (B, C, size, ...).
+
+    The output is first rotated and flipped, then read from the crop: theta = crop o (R F).
+    """
+    b, d = x.shape[0], x.dim() - 2
+    theta = crop_matrix(g, b, d, scale, ratio)  # (B, d, d+1)
+    orient = flip_matrix(g, b, d, hflip, 0) @ flip_matrix(g, b, d, vflip, 1)  # (B, d, d)
+    if rot90:
+        orient = rot90_matrix(g, b, d, rot90) @ orient
+    if degrees:
+        orient = rotation_matrix(g, b, d, degrees) @ orient
+    theta = torch.cat([theta[:, :, :d] @ orient, theta[:, :, d:]], dim=2)
+    return warp(x, theta, size)
 
 
 def center_resize(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -83,38 +144,12 @@ def center_resize(x: torch.Tensor, size: int) -> torch.Tensor:
                          antialias=x.dim() == 4 and x.shape[-1] > size)
 
 
-def random_flip(x: torch.Tensor, p: float, dim: int, g: torch.Generator) -> torch.Tensor:
-    """Flip each sample along spatial ``dim`` (e.g. -1: left-right) with probability p."""
-    return _select(coin(g, x.shape[0], p), x.flip(dim), x)
-
-
-def random_rot90(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    """With probability p, rotate each sample by 90, 180 or 270 degrees in the last two dims."""
-    b = x.shape[0]
-    k = torch.randint(1, 4, (b,), generator=g, device=g.device) * coin(g, b, p)
-    out = x
-    for turns in (1, 2, 3):
-        out = _select(k == turns, torch.rot90(x, turns, dims=(-2, -1)), out)
-    return out
-
-
-def random_rotation(x: torch.Tensor, degrees: float, g: torch.Generator) -> torch.Tensor:
-    """Rotate each sample by an angle uniform in [-degrees, degrees] (last two dims; reflect padding)."""
-    b, c, *spatial = x.shape
-    d = len(spatial)
-    angle = uniform(g, b, -degrees, degrees) * math.pi / 180
-    theta = torch.zeros(b, d, d + 1, device=x.device)
-    theta[:, range(d), range(d)] = 1.0
-    cos, sin = angle.cos(), angle.sin()
-    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-
-
 # --------------------------------------------------------------------------------------------
-# colour (RGB) and intensity (any channels)
+# colour (RGB): brightness, contrast, saturation, hue and grayscale are all affine in RGB, so
+# they compose into one 3x3 matrix and bias per sample, applied with one batched matmul.
 
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's convert("L")
+_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 
 
 def luminance(x: torch.Tensor) -> torch.Tensor:
@@ -123,45 +158,61 @@ def luminance(x: torch.Tensor) -> torch.Tensor:
     return (x * w).sum(1, keepdim=True)
 
 
-def _hue_rotation(h: torch.Tensor) -> torch.Tensor:
-    """(B,) hue shifts in turns -> (B, 3, 3) RGB matrices rotating chroma in YIQ space."""
-    yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                       device=h.device)
-    rot = torch.zeros(h.shape[0], 3, 3, device=h.device)
-    a = h * 2 * math.pi
+def color_transform(x: torch.Tensor, g: torch.Generator, p_jitter: float, brightness: float, contrast: float,
+                    saturation: float, hue: float, p_gray: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample colour map y = A x + c for SimCLR's colour distortion and random grayscale.
+
+    With probability ``p_jitter``: brightness b, contrast k, saturation s uniform in
+    [1 - f, 1 + f] for their strengths f, hue shift h uniform in [-hue, hue] turns, in that
+    order (as torchvision's ColorJitter, with one clamp at the end instead of one per factor):
+
+        brightness  y = b x
+        contrast    y = k y + (1 - k) mean(luma(y))          (a scalar per image)
+        saturation  y = s y + (1 - s) luma(y)                 S = s I + (1 - s) 1 w^T
+        hue         y = H y, H = YIQ^-1 R(2 pi h) YIQ         rotates chroma, keeps luma
+
+    then with probability ``p_gray``: y = 1 w^T y. S and H fix gray (1), so the bias is
+    (1 - k) b mean(luma(x)) for every channel.
+
+    Returns:
+        A (B, 3, 3) and c (B, 3).
+    """
+    b, dev = x.shape[0], g.device
+    eye = torch.eye(3, device=dev)
+    w = torch.tensor(_LUMA, device=dev)
+    fb = uniform(g, b, 1 - brightness, 1 + brightness)
+    fk = uniform(g, b, 1 - contrast, 1 + contrast)
+    fs = uniform(g, b, 1 - saturation, 1 + saturation)
+    angle = uniform(g, b, -hue, hue) * (2 * math.pi)
+    jitter, gray = coin(g, b, p_jitter), coin(g, b, p_gray)
+    sat = fs.view(b, 1, 1) * eye + (1 - fs).view(b, 1, 1) * torch.outer(torch.ones(3, device=dev), w)
+    yiq = torch.tensor(_YIQ, device=dev)
+    rot = torch.zeros(b, 3, 3, device=dev)
     rot[:, 0, 0] = 1
-    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = a.cos(), -a.sin(), a.sin(), a.cos()
-    return torch.linalg.inv(yiq) @ rot @ yiq
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = angle.cos(), -angle.sin(), angle.sin(), angle.cos()
+    hue_m = torch.linalg.inv(yiq) @ rot @ yiq  # (B, 3, 3)
+    a = (fk * fb).view(b, 1, 1) * (hue_m @ sat)  # (B, 3, 3)
+    mean_luma = x.mean(dim=list(range(2, x.dim()))) @ w  # (B,): luma is linear, so mean of luma
+    c = ((1 - fk) * fb * mean_luma).view(b, 1).expand(b, 3)  # (B, 3)
+    a = torch.where(jitter.view(b, 1, 1), a, eye)
+    c = torch.where(jitter.view(b, 1), c, torch.zeros_like(c))
+    to_gray = torch.outer(torch.ones(3, device=dev), w)  # (3, 3): every channel <- luma
+    a = torch.where(gray.view(b, 1, 1), to_gray @ a, a)
+    c = torch.where(gray.view(b, 1), c @ to_gray.T, c)
+    return a, c
+
+
+def apply_color(x: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """y = clamp(A x + c, 0, 1) per sample: (B, 3, *S) with A (B, 3, 3), c (B, 3)."""
+    b, ch, *spatial = x.shape
+    y = torch.baddbmm(c.to(x.dtype).unsqueeze(2), a.to(x.dtype), x.reshape(b, ch, -1))  # (B, 3, N)
+    return y.clamp_(0, 1).view_as(x)
 
 
 def color_jitter(x: torch.Tensor, p: float, brightness: float, contrast: float, saturation: float,
-                 hue: float, g: torch.Generator) -> torch.Tensor:
-    """SimCLR colour distortion on RGB batches, each sample with probability p.
-
-    Brightness, contrast and saturation factors are uniform in [1 - s, 1 + s]; the hue shift is
-    uniform in [-hue, hue] turns, applied as a chroma rotation in YIQ space (a linear stand-in
-    for HSV hue that needs no per-pixel branching). Applied in that fixed order, clamped after
-    each, as torchvision's ColorJitter does per image.
-    """
-    b = x.shape[0]
-    mask = coin(g, b, p)
-    fb = _per_sample(uniform(g, b, 1 - brightness, 1 + brightness), x)
-    fc = _per_sample(uniform(g, b, 1 - contrast, 1 + contrast), x)
-    fs = _per_sample(uniform(g, b, 1 - saturation, 1 + saturation), x)
-    h = uniform(g, b, -hue, hue)
-    y = (x * fb).clamp(0, 1)
-    mean = luminance(y).mean(dim=list(range(2, x.dim())), keepdim=True)  # (B, 1, 1, 1)
-    y = ((y - mean) * fc + mean).clamp(0, 1)
-    gray = luminance(y)
-    y = ((y - gray) * fs + gray).clamp(0, 1)
-    m = _hue_rotation(h)  # (B, 3, 3)
-    y = torch.einsum("bij,bj...->bi...", m, y).clamp(0, 1)
-    return _select(mask, y, x)
-
-
-def random_grayscale(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    """With probability p, replace an RGB sample by its luma in all three channels."""
-    return _select(coin(g, x.shape[0], p), luminance(x).expand_as(x), x)
+                 hue: float, g: torch.Generator, grayscale: float = 0.0) -> torch.Tensor:
+    """SimCLR colour distortion (and random grayscale) of an RGB batch; see :func:`color_transform`."""
+    return apply_color(x, *color_transform(x, g, p, brightness, contrast, saturation, hue, grayscale))
 
 
 def intensity_jitter(x: torch.Tensor, p: float, strength: float, g: torch.Generator) -> torch.Tensor:
@@ -174,13 +225,13 @@ def intensity_jitter(x: torch.Tensor, p: float, strength: float, g: torch.Genera
     """
     b = x.shape[0]
     mask = coin(g, b, p)
-    gamma = _per_sample(uniform(g, b, -math.log1p(strength), math.log1p(strength)).exp(), x)
-    fc = _per_sample(uniform(g, b, 1 - strength, 1 + strength), x)
-    shift = _per_sample(uniform(g, b, -strength / 2, strength / 2), x)
+    gamma = _per_sample(torch.where(mask, uniform(g, b, -math.log1p(strength), math.log1p(strength)).exp(),
+                                    torch.ones(b, device=g.device)), x)
+    fc = _per_sample(torch.where(mask, uniform(g, b, 1 - strength, 1 + strength), torch.ones(b, device=g.device)), x)
+    shift = _per_sample(uniform(g, b, -strength / 2, strength / 2) * mask, x)
     y = x.clamp_min(1e-6).pow(gamma)
     mean = y.mean(dim=list(range(1, x.dim())), keepdim=True)
-    y = ((y - mean) * fc + mean + shift).clamp(0, 1)
-    return _select(mask, y, x)
+    return ((y - mean) * fc + mean + shift).clamp_(0, 1)
 
 
 def gaussian_blur(x: torch.Tensor, p: float, sigma: tuple[float, float], g: torch.Generator) -> torch.Tensor:
@@ -220,6 +271,6 @@ def gaussian_noise(x: torch.Tensor, p: float, std: float, g: torch.Generator) ->
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Per-channel standardisation; mean and std are (C,)."""
+    """Per-channel standardisation (x - mean) / std; mean and std are (C,)."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    return (x - mean.view(shape)) / std.view(shape)
+    return x.mul(std.reciprocal().view(shape)).sub_((mean / std).view(shape))

@@ -36,21 +36,14 @@ def resolve(cfg: ViewConfig, data_name: str) -> ViewConfig:
 def augment(x: torch.Tensor, cfg: ViewConfig, size: int, g: torch.Generator) -> torch.Tensor:
     """One augmented view of a float batch in [0, 1]: (B, C, *S) -> (B, C, *size), in [0, 1].
 
-    The order is SimCLR's: crop and flip, then photometric distortion, then blur.
+    The order is SimCLR's: crop and flip, then photometric distortion, then blur. Geometry is
+    one resampling and colour one matrix product per sample (see ops.py).
     """
-    c = x.shape[1]
-    v = ops.random_resized_crop(x, size, cfg.crop_scale, cfg.crop_ratio, g)
-    v = ops.random_flip(v, cfg.hflip, -1, g)
-    if cfg.vflip:
-        v = ops.random_flip(v, cfg.vflip, -2, g)
-    if cfg.rot90:
-        v = ops.random_rot90(v, cfg.rot90, g)
-    if cfg.rotation_degrees:
-        v = ops.random_rotation(v, cfg.rotation_degrees, g)
-    if c == 3:
+    v = ops.random_geometry(x, size, g, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, cfg.vflip or 0.0,
+                            cfg.rot90 or 0.0, cfg.rotation_degrees)  # one resampling
+    if x.shape[1] == 3:
         s = cfg.color_jitter_strength
-        v = ops.color_jitter(v, cfg.color_jitter, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, g)
-        v = ops.random_grayscale(v, cfg.grayscale, g)
+        v = ops.color_jitter(v, cfg.color_jitter, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, g, cfg.grayscale)
     else:
         v = ops.intensity_jitter(v, cfg.intensity_jitter, cfg.intensity_strength, g)
     if cfg.blur:
