@@ -79,8 +79,9 @@ def main() -> None:
                steps=fit.step, total_steps=fit.total_steps, pretrain_s=pretrain_s, probe_s=probe_s,
                images_per_s_median=sorted(ips)[len(ips) // 2] if ips else None,
                peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                knn_test=test["knn"], linear_test=test["linear"], run=str(run),
-               machine=dict(cpu=env["cpu"], cores=os.cpu_count(), torch=torch.__version__,
+               machine=dict(cpu=env["cpu"], cores=os.cpu_count(), torch=torch.__version__, gpu=env["cuda"],
                             autocast=env["autocast"], channels_last=env["channels_last"],
                             python=platform.python_version()),
                published=PUBLISHED.get(args.data, []))
@@ -91,7 +92,9 @@ def main() -> None:
     print("| model | k-NN ACC | k-NN AUC | linear ACC | linear AUC |")
     print("| --- | --- | --- | --- | --- |")
     k, lin = test["knn"], test["linear"]
-    print(f"| medlatent SimCLR {args.backbone} ({args.epochs} ep, {pretrain_s / 60:.0f} min CPU) | "
+    where = env["cuda"] or "CPU"
+    print(f"| medlatent SimCLR {args.backbone} ({args.epochs} ep, "
+          f"{pretrain_s / 60:.1f} min, {where}) | "
           f"{k['acc']:.3f} | {k['auc']:.3f} | {lin['acc']:.3f} | {lin['auc']:.3f} |")
     for name, acc, auc in PUBLISHED.get(args.data, []):
         print(f"| {name} | | | {acc:.3f} | {auc if auc is not None else '-'} |")

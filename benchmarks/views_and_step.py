@@ -79,46 +79,62 @@ class PILSimCLRViews(torch.utils.data.Dataset):
         return self.view(img), self.view(img)
 
 
-def bench_views(images_u8: torch.Tensor, size: int, n_batches: int, batch: int = 256) -> dict[str, float]:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_views(images_u8: torch.Tensor, size: int, n_batches: int, device: torch.device, workers: list[int],
+                batch: int = 256) -> dict[str, float]:
     cfg = resolve(ViewConfig(), "bloodmnist")
     mean, std = [0.5] * 3, [0.25] * 3
     x = images_u8
     if x.shape[-1] != size:  # 64 px: the 28 px images upsampled (speed does not depend on content)
         x = F.interpolate(x.float(), size=(size, size), mode="bilinear").round().clamp(0, 255).to(torch.uint8)
     recipe = ViewRecipe([(cfg, size), (cfg, size)], mean, std)
-    g = torch.Generator().manual_seed(0)
-    recipe(x[:batch], g)  # warm-up
+    xd = x.to(device)
+    g = torch.Generator(device=device).manual_seed(0)
+    for _ in range(3):  # warm-up (kernel selection on a GPU)
+        recipe(xd[:batch], g)
+    _sync(device)
     t = time.perf_counter()
     for i in range(n_batches):
-        idx = torch.randint(0, len(x), (batch,), generator=g)
-        recipe(x[idx], g)
-    ours = 2 * batch * n_batches / (time.perf_counter() - t)
-
+        idx = torch.randint(0, len(xd), (batch,), generator=g, device=device)
+        recipe(xd[idx], g)
+    _sync(device)
+    row = dict(size=size, device=str(device), ours_views_per_s=2 * batch * n_batches / (time.perf_counter() - t))
     ds = PILSimCLRViews(x.permute(0, 2, 3, 1).numpy(), size, cfg, mean, std)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2, drop_last=True,
-                                         persistent_workers=True)
-    it = iter(loader)
-    next(it)  # workers started
-    t = time.perf_counter()
-    for _ in range(n_batches):
-        next(it)
-    pil = 2 * batch * n_batches / (time.perf_counter() - t)
-    del it, loader
-    return dict(size=size, ours_views_per_s=ours, pil_views_per_s=pil, ratio=ours / pil)
+    for w in workers:
+        sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=10**8)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, num_workers=w,
+                                             drop_last=True, prefetch_factor=2)
+        it = iter(loader)
+        for _ in range(2 * w + 1):  # start the workers and drain the prefetched batches, so that
+            next(it)  # the timed batches are produced while we wait (steady state)
+        t = time.perf_counter()
+        for _ in range(n_batches):
+            next(it)
+        row[f"pil_{w}_workers_views_per_s"] = 2 * batch * n_batches / (time.perf_counter() - t)
+        del it, loader
+    row["ratio"] = row["ours_views_per_s"] / row[f"pil_{workers[0]}_workers_views_per_s"]
+    return row
 
 
 # ------------------------------------------------------------------------------ step
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    iters = 20 if dtype == torch.float32 or device.type == "cuda" else 2
     best = 0.0
-    iters = 20 if dtype == torch.float32 else 2
-    for _ in range(reps):
+    for _ in range(3):
         a @ b
+        _sync(device)
         t = time.perf_counter()
         for _ in range(iters):
             a @ b
+        _sync(device)
         best = max(best, 2 * n**3 * iters / (time.perf_counter() - t))
     return best
 
@@ -132,13 +148,13 @@ def step_flops(model: SimCLR, views: list[torch.Tensor]) -> float:
     return float(fc.get_total_flops())
 
 
-def bench_step(images_u8: torch.Tensor, backbone: str, n_steps: int, batch: int = 256) -> list[dict]:
+def bench_step(images_u8: torch.Tensor, backbone: str, n_steps: int, device: torch.device,
+               batch: int = 256) -> tuple[list[dict], float]:
     cfg = resolve(ViewConfig(), "bloodmnist")
     recipe = ViewRecipe([(cfg, 28), (cfg, 28)], [0.5] * 3, [0.25] * 3)
-    g = torch.Generator().manual_seed(0)
-    views = recipe(images_u8[:batch], g)
-    cpu = torch.device("cpu")
-    auto_dtype = resolve_precision("auto", cpu)
+    g = torch.Generator(device=device).manual_seed(0)
+    views = recipe(images_u8[:batch].to(device), g)
+    auto_dtype = resolve_precision("auto", device)
     variants = [("fp32 (plain)", None, False, False),
                 ("auto: " + ("bf16" if auto_dtype else "fp32") + " + channels_last", auto_dtype, True, False),
                 ("fp32 + channels_last + torch.compile", None, True, True)]
@@ -150,8 +166,7 @@ def bench_step(images_u8: torch.Tensor, backbone: str, n_steps: int, batch: int 
     flops = None
     for name, dtype, cl, comp in variants:
         torch.manual_seed(0)
-        enc = build_encoder(backbone, 3, 28)
-        model = SimCLR(enc)
+        model = SimCLR(build_encoder(backbone, 3, 28)).to(device)
         if flops is None:
             flops = step_flops(model, views)
         fmt = torch.channels_last if cl else torch.contiguous_format
@@ -162,7 +177,7 @@ def bench_step(images_u8: torch.Tensor, backbone: str, n_steps: int, batch: int 
         v = [x.contiguous(memory_format=fmt) for x in views]
 
         def step() -> None:
-            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 loss = model(v).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -170,11 +185,17 @@ def bench_step(images_u8: torch.Tensor, backbone: str, n_steps: int, batch: int 
 
         t0 = time.perf_counter()
         step()
+        _sync(device)
         first = time.perf_counter() - t0
-        steps = n_steps if dtype is None or auto_dtype is not None else max(1, n_steps // 4)
+        for _ in range(2 if device.type == "cuda" else 0):
+            step()
+        slow = device.type == "cpu" and dtype is not None and auto_dtype is None
+        steps = max(1, n_steps // 4) if slow else n_steps
+        _sync(device)
         t = time.perf_counter()
         for _ in range(steps):
             step()
+        _sync(device)
         ips = batch * steps / (time.perf_counter() - t)
         rows.append(dict(variant=name, images_per_s=ips, first_step_s=first,
                          achieved_gflops=flops / batch * ips / 1e9))
@@ -187,39 +208,50 @@ def bench_step(images_u8: torch.Tensor, backbone: str, n_steps: int, batch: int 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--backbone", default="resnet18-half")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--workers", default="2", help="DataLoader worker counts for the PIL baseline, e.g. 2,8")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="benchmarks/out/views_and_step.json")
     args = ap.parse_args()
+    device = torch.device(args.device)
     ds = load_medmnist("bloodmnist", data_dir=args.data_dir)
     images = ds.split("train").images
     n = 4 if args.quick else 12
-    views = [bench_views(images, 28, n * 2), bench_views(images, 64, n)]
-    peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
-    steps, flops_per_image = bench_step(images, args.backbone, 2 if args.quick else 5)
+    workers = [int(w) for w in args.workers.split(",")]
+    views = [bench_views(images, 28, n * 2, device, workers), bench_views(images, 64, n, device, workers)]
+    peak32, peak16 = matmul_peak(torch.float32, device), matmul_peak(torch.bfloat16, device)
+    steps_n = (20 if device.type == "cuda" else 5) if not args.quick else 2
+    steps, flops_per_image = bench_step(images, args.backbone, steps_n, device, args.batch)
     for r in steps:
         r["fraction_of_fp32_peak"] = r["achieved_gflops"] * 1e9 / peak32
         r["fraction_of_bf16_peak"] = r["achieved_gflops"] * 1e9 / peak16
-    result = dict(machine=dict(cpu=_cpu(), cores=os.cpu_count(), torch=torch.__version__,
-                               bf16_hardware=bf16_is_fast(torch.device("cpu")),
+    accel = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    result = dict(machine=dict(cpu=_cpu(), cores=os.cpu_count(), torch=torch.__version__, accelerator=accel,
+                               bf16_hardware=bf16_is_fast(device),
                                matmul_peak_fp32_gflops=peak32 / 1e9, matmul_peak_bf16_gflops=peak16 / 1e9,
                                python=platform.python_version()),
-                  views=views, step=dict(backbone=args.backbone, batch=256,
+                  views=views, step=dict(backbone=args.backbone, batch=args.batch, device=str(device),
                                          model_gflop_per_image=flops_per_image / 1e9, variants=steps))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     m = result["machine"]
-    print(f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, bf16 hardware: {m['bf16_hardware']}, "
-          f"matmul peak fp32 {m['matmul_peak_fp32_gflops']:.0f} / bf16 {m['matmul_peak_bf16_gflops']:.1f} GFLOP/s")
-    print("\n| views (SimCLR, 2 per image) | ours batched | PIL + DataLoader (2 workers) | ratio |")
-    print("| --- | --- | --- | --- |")
+    print(f"machine: {accel or m['cpu']}, {m['cores']} CPU cores, torch {m['torch']}, bf16 hardware: "
+          f"{m['bf16_hardware']}, matmul peak fp32 {m['matmul_peak_fp32_gflops']:.0f} / "
+          f"bf16 {m['matmul_peak_bf16_gflops']:.1f} GFLOP/s")
+    head = " | ".join(f"PIL + DataLoader ({w} workers)" for w in workers)
+    print(f"\n| views (SimCLR, 2 per image) | ours batched ({device.type}) | {head} | ratio |")
+    print("| --- | --- |" + " --- |" * len(workers) + " --- |")
     for v in views:
-        print(f"| {v['size']} px | {v['ours_views_per_s']:,.0f} views/s | {v['pil_views_per_s']:,.0f} views/s | {v['ratio']:.1f}x |")
-    print(f"\n| SimCLR step, batch 256, {args.backbone}, 28 px | img/s | vs fp32 | GFLOP/s | of fp32 peak | first step |")
-    print("| --- | --- | --- | --- | --- | --- |")
+        pils = " | ".join(f"{v[f'pil_{w}_workers_views_per_s']:,.0f} views/s" for w in workers)
+        print(f"| {v['size']} px | {v['ours_views_per_s']:,.0f} views/s | {pils} | {v['ratio']:.1f}x |")
+    print(f"\n| SimCLR step, batch {args.batch}, {args.backbone}, 28 px, {device.type} | img/s | vs fp32 | GFLOP/s "
+          f"| of fp32 peak | of bf16 peak | first step |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in steps:
-        print(f"| {r['variant']} | {r['images_per_s']:.1f} | {r['speedup_vs_fp32']:.2f}x | {r['achieved_gflops']:.0f} | "
-              f"{r['fraction_of_fp32_peak']:.2f} | {r['first_step_s']:.1f} s |")
+        print(f"| {r['variant']} | {r['images_per_s']:,.1f} | {r['speedup_vs_fp32']:.2f}x | {r['achieved_gflops']:,.0f} | "
+              f"{r['fraction_of_fp32_peak']:.2f} | {r['fraction_of_bf16_peak']:.3f} | {r['first_step_s']:.1f} s |")
 
 
 def _cpu() -> str:
