@@ -74,7 +74,8 @@ def test_pretrain_then_probe(tmp_path: Path):
     import numpy as np
 
     z = np.load(emb)
-    assert z["embeddings"].shape == (64, 256) and z["labels"].shape == (64, 1)
+    encoder, _, _ = api.load_encoder(run)
+    assert z["embeddings"].shape == (64, encoder.out_dim) and z["labels"].shape == (64, 1)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch):

@@ -21,7 +21,7 @@ class StepOutput:
     """What one training step produced: the loss to minimise and scalars to log."""
 
     loss: torch.Tensor
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, torch.Tensor | float] = field(default_factory=dict)  # averaged per logged window
 
 
 class Method(Protocol):

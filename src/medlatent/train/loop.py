@@ -8,7 +8,6 @@ with no RNG state to save. Nothing here prints; progress goes to the ``on_progre
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -53,8 +52,7 @@ class Progress:
 def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: PretrainConfig, run: RunDir,
         device: torch.device, autocast_dtype: torch.dtype | None, channels_last: bool,
         on_progress: Callable[[Progress], None] | None = None,
-        should_stop: Callable[[], bool] | None = None,
-        logs_hook: Callable[[int, dict[str, Any]], None] | None = None) -> FitResult:
+        should_stop: Callable[[], bool] | None = None) -> FitResult:
     """Train ``method`` on ``images`` (N, C, *S) for ``cfg.train.epochs``, resuming if ``run``
     holds a checkpoint.
 
@@ -105,9 +103,12 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
                             dict(epoch=step // steps_per_epoch, total_steps=total), keep=t.keep_checkpoints)
 
     # --- the loop ----------------------------------------------------------------------------
+    # Losses stay on the device and are read back only every log_every steps and before each
+    # checkpoint: one host sync per window instead of per step (it matters on a GPU). A
+    # non-finite loss is found at the next read-back, before any checkpoint could hold it.
     wall0 = time.perf_counter()
     last_ckpt = time.perf_counter()
-    window_t, window_n, window_loss = time.perf_counter(), 0, []
+    window = _Window(start)
     batches: list[torch.Tensor] = []
     epoch = -1
     status = "finished"
@@ -126,52 +127,75 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
         lr = lr_at(step, total, warmup, peak_lr, cfg.optim.final_lr_fraction)
         for group in optimizer.param_groups:
             group["lr"] = lr
-
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             out = model(views)
-        loss_value = float(out.loss.detach())
-        if not math.isfinite(loss_value):
-            last = checkpoint.list_checkpoints(run.checkpoints)
-            if dist.is_main():
-                run.log(dict(step=step, event="diverged", loss=str(loss_value)))
-            raise TrainingDiverged(
-                f"loss became {loss_value} at step {step} (epoch {epoch}); training stopped, "
-                f"last good checkpoint: {last[-1] if last else 'none (diverged before the first)'}")
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if cfg.optim.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad_norm)
         optimizer.step()
         method.on_step_end(step, total)
+        window.add(out.loss.detach(), out.logs)
 
         # --- bookkeeping -----------------------------------------------------------------
         done = step + 1
-        window_n += t.batch_size
-        window_loss.append(loss_value)
-        if logs_hook is not None:
-            logs_hook(done, out.logs)
-        if done % t.log_every == 0 or done == total:
-            elapsed = time.perf_counter() - window_t
-            record = dict(step=done, epoch=done / steps_per_epoch,
-                          loss=sum(window_loss) / len(window_loss), lr=lr,
-                          images_per_s=window_n / max(elapsed, 1e-9),
-                          time_s=time.perf_counter() - wall0, **out.logs)
-            if dist.is_main():
-                run.log(record)
-            window_t, window_n, window_loss = time.perf_counter(), 0, []
-        if on_progress is not None:
-            rate = (done - start) / max(time.perf_counter() - wall0, 1e-9)
-            on_progress(Progress(done, total, epoch, loss_value, lr, rate * t.batch_size,
-                                 (total - done) / max(rate, 1e-9)))
         epoch_end = done % steps_per_epoch == 0
         due = (t.checkpoint_every and done % t.checkpoint_every == 0) or (not t.checkpoint_every and epoch_end)
         due = due or (t.checkpoint_seconds and time.perf_counter() - last_ckpt > t.checkpoint_seconds)
         over_budget = bool(t.time_budget_s) and time.perf_counter() - wall0 > t.time_budget_s
         stop = should_stop is not None and should_stop()
-        if due or done == total or over_budget or stop:
+        save_now = bool(due or done == total or over_budget or stop)
+        if save_now or done % t.log_every == 0:
+            record = window.flush(run, done, steps_per_epoch, lr, t.batch_size, wall0)  # raises on NaN
+            if dist.is_main():
+                run.log(record)
+        if on_progress is not None:
+            rate = (done - start) / max(time.perf_counter() - wall0, 1e-9)
+            on_progress(Progress(done, total, epoch, window.last_loss, lr, rate * t.batch_size,
+                                 (total - done) / max(rate, 1e-9)))
+        if save_now:
             save(done)
             last_ckpt = time.perf_counter()
         if over_budget or stop:
             status = "budget" if over_budget else "stopped"
             break
     return FitResult(step + 1, total, status, time.perf_counter() - wall0)
+
+
+class _Window:
+    """Per-step losses and logs kept on the device until the next read-back."""
+
+    def __init__(self, first_step: int) -> None:
+        self.first_step = first_step  # step index of the first entry
+        self.losses: list[torch.Tensor] = []
+        self.logs: list[dict[str, Any]] = []
+        self.t0 = time.perf_counter()
+        self.last_loss = float("nan")
+
+    def add(self, loss: torch.Tensor, logs: dict[str, Any]) -> None:
+        self.losses.append(loss.float())
+        self.logs.append(logs)
+
+    def flush(self, run: RunDir, done: int, steps_per_epoch: int, lr: float, batch_size: int,
+              wall0: float) -> dict[str, Any]:
+        """Read the window back: a metrics record, or TrainingDiverged at the first bad step."""
+        values = torch.stack(self.losses).cpu()  # the one host sync of the window
+        bad = (~torch.isfinite(values)).nonzero()
+        if len(bad):
+            step = self.first_step + int(bad[0])
+            value = float(values[int(bad[0])])
+            last = checkpoint.list_checkpoints(run.checkpoints)
+            if dist.is_main():
+                run.log(dict(step=step, event="diverged", loss=str(value)))
+            raise TrainingDiverged(
+                f"loss became {value} at step {step} (epoch {step // steps_per_epoch}); training stopped, "
+                f"last good checkpoint: {last[-1] if last else 'none (diverged before the first)'}")
+        elapsed = time.perf_counter() - self.t0
+        extra = {k: float(sum(float(d[k]) for d in self.logs) / len(self.logs)) for k in self.logs[-1]}
+        record = dict(step=done, epoch=done / steps_per_epoch, loss=float(values.mean()), lr=lr,
+                      images_per_s=len(values) * batch_size / max(elapsed, 1e-9),
+                      time_s=time.perf_counter() - wall0, **extra)
+        self.last_loss = float(values[-1])
+        self.first_step = done
+        self.losses, self.logs, self.t0 = [], [], time.perf_counter()
+        return record
