@@ -30,31 +30,46 @@ def tiny_config(data: Path, epochs: int = 1, **train) -> PretrainConfig:
     return cfg
 
 
+def small_encoder(needs_vit: bool, size: int, spatial_dims: int) -> torch.nn.Module:
+    from medlatent.nets.backbones import ViTEncoder
+
+    if needs_vit:
+        return ViTEncoder(1, size, 4, hidden_size=48, depth=2, num_heads=3, spatial_dims=spatial_dims)
+    return build_encoder("resnet18-quarter", 1, size, spatial_dims)
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_each_method_trains_two_steps(name: str, spatial_dims: int):
     from medlatent.augment.views import ViewRecipe
     from medlatent.config import ViewConfig
+    from medlatent.ssl.base import BuildContext
 
+    torch.manual_seed(0)
     spec = get_method(name)
-    size = 28 if spatial_dims == 2 else 12
-    enc = build_encoder("resnet18-half", 1, size, spatial_dims)
+    size = 28 if spatial_dims == 2 else 16
+    enc = small_encoder(spec.needs_vit, size, spatial_dims)
     options = spec.options()
-    method = spec.build(enc, options)
+    method = spec.build(enc, options, BuildContext(64, 8, size, 1, spatial_dims))
     recipe = ViewRecipe(spec.views(ViewConfig(), size, options), [0.5], [0.25])
-    opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
-    before = [p.detach().clone() for p in method.parameters()]
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+    trainable = {n: p.detach().clone() for n, p in method.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in method.named_parameters() if not p.requires_grad}
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (8, 1) + (size,) * spatial_dims, dtype=torch.uint8)
     for step in range(2):
         out = method(recipe(images, g))
-        assert isinstance(out, StepOutput) and torch.isfinite(out.loss)
+        assert isinstance(out, StepOutput) and torch.isfinite(out.loss), name
         opt.zero_grad()
         out.loss.backward()
         opt.step()
         method.on_step_end(step, 2)
-    changed = [not torch.equal(b, p) for b, p in zip(before, method.parameters())]
-    assert all(changed)
+    params = dict(method.named_parameters())
+    unchanged = [n for n, v in trainable.items() if torch.equal(v, params[n])]
+    assert unchanged == [], f"{name}: trainable parameters did not change: {unchanged[:5]}"
+    teachers = [n for n, v in frozen.items() if not torch.equal(v, params[n])]
+    if any(k in n for n in frozen for k in ("teacher", "key_", "momentum_", "target_")):
+        assert teachers, f"{name}: the EMA teacher did not move"
 
 
 def test_pretrain_then_probe(tmp_path: Path):

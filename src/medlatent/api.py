@@ -60,7 +60,8 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
         should_stop: polled after every step; True saves a checkpoint and returns.
     """
     from medlatent.augment.views import ViewRecipe, resolve
-    from medlatent.nets.backbones import build_encoder
+    from medlatent.nets.backbones import ViTEncoder, build_encoder
+    from medlatent.ssl.base import BuildContext
     from medlatent.ssl.registry import get_method
 
     run = RunDir(Path(output) if output else default_output(config or PretrainConfig()))
@@ -83,7 +84,11 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     torch.manual_seed(cfg.train.seed)  # weight initialisation
     encoder = build_encoder(cfg.backbone.name, data.channels, cfg.data.size, data.spatial_dims,
                             cfg.backbone.patch_size)
-    method = spec.build(encoder, options)
+    if spec.needs_vit and not isinstance(encoder, ViTEncoder):
+        raise ConfigError(f"method {cfg.method} works on patch tokens and needs a ViT backbone "
+                          f"(--backbone vit-tiny or vit-small), not {cfg.backbone.name}")
+    context = BuildContext(len(images), cfg.train.batch_size, data.image_size, data.channels, data.spatial_dims)
+    method = spec.build(encoder, options, context)
     mean, std = channel_stats(images)
     recipe = ViewRecipe(spec.views(resolve(cfg.views, data.name), cfg.data.size, options), mean, std)
     autocast = resolve_precision(cfg.train.precision, device)

@@ -43,6 +43,17 @@ class SmallImageResNet(ResNet):
         self.prefers_channels_last = True
 
 
+def transformer_block(dim: int, mlp_dim: int, heads: int) -> TransformerBlock:
+    """MONAI's pre-norm transformer block with SDPA attention and qkv bias.
+
+    MONAI always creates a ``norm_cross_attn`` LayerNorm (for checkpoint compatibility) even
+    without cross-attention; it is frozen here, so it neither counts as trainable nor leaves
+    DDP waiting for gradients that never come."""
+    block = TransformerBlock(dim, mlp_dim, heads, qkv_bias=True, use_flash_attention=True)
+    block.norm_cross_attn.requires_grad_(False)
+    return block
+
+
 class ViTEncoder(nn.Module):
     """Vision Transformer (Dosovitskiy et al., ICLR 2021) from MONAI blocks; output = CLS token.
 
@@ -70,10 +81,8 @@ class ViTEncoder(nn.Module):
                                                    num_heads, proj_type="conv",
                                                    pos_embed_type="learnable", spatial_dims=spatial_dims)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden_size))
-        self.blocks = nn.ModuleList(
-            TransformerBlock(hidden_size, int(hidden_size * mlp_ratio), num_heads, qkv_bias=True,
-                             use_flash_attention=True)
-            for _ in range(depth))
+        self.blocks = nn.ModuleList(transformer_block(hidden_size, int(hidden_size * mlp_ratio), num_heads)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(hidden_size)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.out_dim = hidden_size
@@ -83,9 +92,28 @@ class ViTEncoder(nn.Module):
         self.num_patches = (img_size // patch_size) ** spatial_dims
         self.prefers_channels_last = False
 
-    def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, *S) -> (B, 1 + L, D): the CLS token then L patch tokens, after the last norm."""
-        t = self.patch_embedding(x)  # (B, L, D), position embeddings added
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, *S) -> (B, L, D) patch tokens plus position embeddings.
+
+        Images of another size than the one the ViT was built for (DINO's local crops) get the
+        position embeddings interpolated to their patch grid (as DINO does)."""
+        pe = self.patch_embedding
+        t = pe.patch_embeddings(x).flatten(2).transpose(1, 2)  # (B, L, D)
+        pos = pe.position_embeddings  # (1, L0, D)
+        if t.shape[1] != pos.shape[1]:
+            pos = interpolate_positions(pos, x.shape[2:], self.patch_size)
+        return pe.dropout(t + pos)
+
+    def tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, *S) -> (B, 1 + L, D): the CLS token then the patch tokens, after the last norm.
+
+        Args:
+            keep: (B, K) indices of the patches to encode (MAE's visible patches, I-JEPA's
+                context); the others never enter the transformer.
+        """
+        t = self.embed(x)  # (B, L, D)
+        if keep is not None:
+            t = torch.gather(t, 1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B, K, D)
         cls = self.cls_token.expand(t.shape[0], -1, -1)  # (B, 1, D)
         t = torch.cat([cls, t], dim=1)  # (B, 1 + L, D)
         for block in self.blocks:
@@ -94,6 +122,33 @@ class ViTEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tokens(x)[:, 0]  # (B, D)
+
+    @torch.no_grad()
+    def last_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's attention from the CLS token to every patch: (B, heads, L).
+
+        DINO's self-attention maps (Caron et al. 2021, Fig. 1) are these, reshaped to the patch grid."""
+        t = self.embed(x)
+        t = torch.cat([self.cls_token.expand(t.shape[0], -1, -1), t], dim=1)
+        for block in self.blocks[:-1]:
+            t = block(t)
+        last = self.blocks[-1]
+        attn = last.attn
+        qkv = attn.input_rearrange(attn.qkv(last.norm1(t)))  # (3, B, heads, 1 + L, d)
+        q, k = qkv[0], qkv[1]
+        weights = (q[:, :, :1] @ k.transpose(-2, -1) * attn.scale).softmax(dim=-1)  # (B, heads, 1, 1 + L)
+        return weights[:, :, 0, 1:]
+
+
+def interpolate_positions(pos: torch.Tensor, spatial: tuple[int, ...] | torch.Size, patch_size: int) -> torch.Tensor:
+    """Resize (1, L0, D) position embeddings of a square/cubic grid to the grid of ``spatial``."""
+    d = len(spatial)
+    g0 = round(pos.shape[1] ** (1 / d))
+    grid = [s // patch_size for s in spatial]
+    p = pos.reshape(1, *([g0] * d), -1).movedim(-1, 1)  # (1, D, g0, g0[, g0])
+    mode = "bicubic" if d == 2 else "trilinear"
+    p = torch.nn.functional.interpolate(p, size=grid, mode=mode, align_corners=False)
+    return p.flatten(2).transpose(1, 2)  # (1, L, D)
 
 
 def default_patch_size(img_size: int) -> int:

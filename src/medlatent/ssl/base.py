@@ -33,19 +33,40 @@ class Method(Protocol):
 
 
 @dataclass(frozen=True)
+class BuildContext:
+    """What a method may need to know about the data when it is built.
+
+    Attributes:
+        n_images: size of the pretraining split (MoCo scales its queue to it).
+        batch_size: global batch size.
+        image_size: side of the stored images in pixels.
+        channels: image channels.
+        spatial_dims: 2 or 3.
+    """
+
+    n_images: int
+    batch_size: int
+    image_size: int
+    channels: int
+    spatial_dims: int
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A registry entry: how to build a method and which views it consumes.
 
     Attributes:
         name: the name used by ``--method``.
         options: the method's config dataclass (unknown keys are rejected).
-        build: (encoder, options) -> method module.
+        build: (encoder, options, context) -> method module.
         views: (base view config, image size, options) -> [(view config, size), ...].
         summary: one line for ``--help`` and the README.
+        needs_vit: the method works on patch tokens (MAE, I-JEPA) and needs a ViT encoder.
     """
 
     name: str
     options: type
-    build: Callable[[nn.Module, Any], nn.Module]
+    build: Callable[[nn.Module, Any, BuildContext], nn.Module]
     views: Callable[[ViewConfig, int, Any], list[tuple[ViewConfig, int]]]
     summary: str
+    needs_vit: bool = False

@@ -10,10 +10,20 @@ from medlatent.ssl.base import MethodSpec
 # name -> module defining SPEC; imported on demand so listing methods stays cheap.
 METHODS: dict[str, str] = {
     "simclr": "medlatent.ssl.simclr",
+    "mocov2": "medlatent.ssl.mocov2",
+    "mocov3": "medlatent.ssl.mocov3",
+    "byol": "medlatent.ssl.byol",
+    "dino": "medlatent.ssl.dino",
+    "mae": "medlatent.ssl.mae",
+    "ijepa": "medlatent.ssl.ijepa",
+    "rotation": "medlatent.ssl.rotation",
+    "autoencoder": "medlatent.ssl.autoencoder",
+    "denoising-autoencoder": "medlatent.ssl.autoencoder:DENOISING_SPEC",
 }
 
 
 def get_method(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ConfigError(f"method: unknown method '{name}' (known: {', '.join(METHODS)})")
-    return importlib.import_module(METHODS[name]).SPEC
+    module, _, attr = METHODS[name].partition(":")
+    return getattr(importlib.import_module(module), attr or "SPEC")

@@ -9,14 +9,15 @@ Loss: mean over the 2N views of -log softmax_j(sim(z_i, z_j) / t) (Eq. 1).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 
 from medlatent.config import ViewConfig
-from medlatent.losses import NTXentLoss
+from medlatent.losses import NTXentLoss, TripletLoss
 from medlatent.nets.heads import simclr_head
-from medlatent.ssl.base import MethodSpec, StepOutput
+from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
 
 
 @dataclass
@@ -30,17 +31,22 @@ class SimCLRConfig:
     out_dim: int = 128
     # Negatives from every process under torchrun (the paper's global batch).
     gather_distributed: bool = True
+    # "triplet" swaps NT-Xent for a triplet margin loss on the same projections (anchor = one
+    # view, positive = the other, negative = the hardest other image in the batch).
+    objective: Literal["ntxent", "triplet"] = "ntxent"
+    margin: float = 0.2
 
 
 class SimCLR(nn.Module):
     """Encoder f, projection head g, NT-Xent loss."""
 
     def __init__(self, encoder: nn.Module, temperature: float = 0.2, hidden_dim: int = 512,
-                 out_dim: int = 128, gather_distributed: bool = True) -> None:
+                 out_dim: int = 128, gather_distributed: bool = True, objective: str = "ntxent",
+                 margin: float = 0.2) -> None:
         super().__init__()
         self.encoder = encoder
         self.projection = simclr_head(encoder.out_dim, hidden_dim, out_dim)
-        self.criterion = NTXentLoss(temperature, gather_distributed)
+        self.criterion = NTXentLoss(temperature, gather_distributed) if objective == "ntxent" else TripletLoss(margin)
 
     def forward(self, views: list[torch.Tensor]) -> StepOutput:
         x_i, x_j = views  # two (B, C, H, W) views of the same images
@@ -53,8 +59,8 @@ class SimCLR(nn.Module):
         """SimCLR keeps no state between steps."""
 
 
-def _build(encoder: nn.Module, o: SimCLRConfig) -> SimCLR:
-    return SimCLR(encoder, o.temperature, o.hidden_dim, o.out_dim, o.gather_distributed)
+def _build(encoder: nn.Module, o: SimCLRConfig, context: BuildContext) -> SimCLR:
+    return SimCLR(encoder, o.temperature, o.hidden_dim, o.out_dim, o.gather_distributed, o.objective, o.margin)
 
 
 def _views(base: ViewConfig, size: int, o: SimCLRConfig) -> list[tuple[ViewConfig, int]]:
