@@ -48,3 +48,48 @@ def test_two_processes_equal_one(tmp_path: Path):
         mine = slice(r * N, (r + 1) * N)
         assert torch.allclose(p["grad_a"] / WORLD, a.grad[mine], atol=1e-6)
         assert torch.allclose(p["grad_b"] / WORLD, b.grad[mine], atol=1e-6)
+
+
+# -------------------------------------------------------------- MoCo queue and DINO centre
+
+K_DIM, QUEUE = 3, 7
+
+
+def _half_batches() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(WORLD * 4, K_DIM, generator=g), torch.randn(WORLD * 5, 16, generator=g)
+
+
+def _state_worker(rank: int, init_file: str, out_dir: str) -> None:
+    from medlatent.losses import DINOLoss
+    from medlatent.ssl.mechanics import FIFOQueue
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    keys, teacher = _half_batches()
+    queue = FIFOQueue(QUEUE, K_DIM)
+    queue.keys.zero_()
+    queue.push(keys[rank * 4:(rank + 1) * 4])  # each process pushes only its own keys
+    queue.push(keys[rank * 4:(rank + 1) * 4] * 10)  # a second step: wraps around
+    loss = DINOLoss(16, center_momentum=0.8)
+    loss.update_center(teacher[rank * 5:(rank + 1) * 5])
+    save_file(dict(keys=queue.keys, ptr=queue.ptr.reshape(1), center=loss.center), f"{out_dir}/state{rank}.safetensors")
+    dist.destroy_process_group()
+
+
+def test_moco_queue_and_dino_centre_do_not_depend_on_the_number_of_processes(tmp_path: Path):
+    from medlatent.losses import DINOLoss
+    from medlatent.ssl.mechanics import FIFOQueue
+
+    mp.start_processes(_state_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    keys, teacher = _half_batches()
+    queue = FIFOQueue(QUEUE, K_DIM)
+    queue.keys.zero_()
+    queue.push(keys)  # one process holding the whole batch
+    queue.push(keys * 10)
+    loss = DINOLoss(16, center_momentum=0.8)
+    loss.update_center(teacher)
+    for r in range(WORLD):
+        st = load_file(tmp_path / f"state{r}.safetensors")
+        assert torch.equal(st["keys"], queue.keys), "queue differs from the single-process one"
+        assert int(st["ptr"]) == int(queue.ptr)
+        assert torch.allclose(st["center"], loss.center, atol=1e-6)

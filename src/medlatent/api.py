@@ -83,7 +83,7 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     dist.init_from_env(device)
     torch.manual_seed(cfg.train.seed)  # weight initialisation
     encoder = build_encoder(cfg.backbone.name, data.channels, cfg.data.size, data.spatial_dims,
-                            cfg.backbone.patch_size)
+                            cfg.backbone.patch_size, cfg.backbone.depth)
     if spec.needs_vit and not isinstance(encoder, ViTEncoder):
         raise ConfigError(f"method {cfg.method} works on patch tokens and needs a ViT backbone "
                           f"(--backbone vit-tiny or vit-small), not {cfg.backbone.name}")
@@ -132,7 +132,7 @@ def load_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
                               f"epoch 1); nothing to evaluate")
     meta = run.read_json("data.json")
     encoder = build_encoder(cfg.backbone.name, meta["channels"], meta["image_size"], meta["spatial_dims"],
-                            cfg.backbone.patch_size)
+                            cfg.backbone.patch_size, cfg.backbone.depth)
     weights = {k[len("encoder."):]: v for k, v in ckpt.model.items() if k.startswith("encoder.")}
     missing, unexpected = encoder.load_state_dict(weights, strict=False)
     if missing or unexpected:
@@ -255,4 +255,88 @@ def embed(run_dir: str | Path, split: str = "test", out: str | Path | None = Non
     return path
 
 
-__all__ = ["pretrain", "probe", "embed", "load_encoder", "PretrainConfig", "DataConfig", "FitResult"]
+def load_method(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any], int]:
+    """The whole method of a run (encoder, heads, decoders, teachers) from its newest checkpoint."""
+    from medlatent.nets.backbones import build_encoder
+    from medlatent.ssl.base import BuildContext
+    from medlatent.ssl.registry import get_method
+
+    run = RunDir(Path(run_dir))
+    cfg = run.read_config()
+    ckpt = checkpoint.latest(run.checkpoints, with_optimizer=False)
+    if ckpt is None:
+        raise CheckpointError(f"{run.path}: has no checkpoint yet; nothing to show")
+    meta = run.read_json("data.json")
+    spec = get_method(cfg.method)
+    options = from_dict(spec.options, cfg.method_options, "method_options")
+    encoder = build_encoder(cfg.backbone.name, meta["channels"], meta["image_size"], meta["spatial_dims"],
+                            cfg.backbone.patch_size, cfg.backbone.depth)
+    context = BuildContext(meta["n_images"], cfg.train.batch_size, meta["image_size"], meta["channels"],
+                           meta["spatial_dims"])
+    method = spec.build(encoder, options, context)
+    method.load_state_dict(ckpt.model)
+    return method.to(device).eval(), meta, ckpt.step
+
+
+def _figure_inputs(run: RunDir, meta: dict[str, Any], images: list[str] | None, n: int, split: str,
+                   data_dir: str | None) -> torch.Tensor:
+    """Standardised (B, C, *S) inputs: the given image files, or the first n of a split."""
+    from medlatent.augment import ops
+    from medlatent.data.store import to_float
+
+    if images:
+        from medlatent.data.folders import _prepare
+
+        cfg = run.read_config()
+        arrays = [_prepare(Path(f), meta["image_size"], meta["spatial_dims"], cfg.data.normalize,
+                           (cfg.data.window_center, cfg.data.window_width), (0.5, 99.5)) for f in images]
+        x = torch.stack([to_float(torch.from_numpy(a)) for a in arrays])
+        if x.shape[1] != meta["channels"]:
+            if x.shape[1] == 1:
+                x = x.expand(-1, meta["channels"], *x.shape[2:])
+            else:
+                raise DataError(f"{images[0]}: has {x.shape[1]} channels; the encoder takes {meta['channels']}")
+    else:
+        ds, _ = _probe_data(run, None, data_dir)
+        x = to_float(ds.split(split).images[:n])
+    return ops.normalize(x, torch.tensor(meta["mean"]), torch.tensor(meta["std"]))
+
+
+def attention(run_dir: str | Path, images: list[str] | None = None, n: int = 8, split: str = "test",
+              out: str | Path | None = None, data_dir: str | None = None) -> Path:
+    """DINO-style attention maps of a ViT encoder: last-layer CLS attention per head, over the
+    input. Writes a PNG (default ``<run>/attention.png``)."""
+    from medlatent.nets.backbones import ViTEncoder
+    from medlatent.report.figures import attention_figure
+
+    run = RunDir(Path(run_dir))
+    encoder, meta, _ = load_encoder(run.path)
+    if not isinstance(encoder, ViTEncoder) or encoder.spatial_dims != 2:
+        raise ConfigError(f"{run.path}: attention maps need a 2-D ViT encoder; this run's backbone is "
+                          f"{run.read_config().backbone.name}")
+    x = _figure_inputs(run, meta, images, n, split, data_dir)
+    return attention_figure(x, encoder.last_attention(x), meta["mean"], meta["std"],
+                            Path(out) if out else run.path / "attention.png")
+
+
+def reconstruct(run_dir: str | Path, n: int = 8, split: str = "test", out: str | Path | None = None,
+                seed: int = 0, data_dir: str | None = None) -> Path:
+    """MAE reconstructions: input / masked input / reconstruction, as a PNG (default
+    ``<run>/reconstruction.png``)."""
+    from medlatent.report.figures import reconstruction_figure
+    from medlatent.ssl.mae import MAE
+
+    run = RunDir(Path(run_dir))
+    method, meta, _ = load_method(run.path)
+    if not isinstance(method, MAE):
+        raise ConfigError(f"{run.path}: reconstructions need an MAE run; this run's method is "
+                          f"{run.read_config().method}")
+    x = _figure_inputs(run, meta, None, n, split, data_dir)
+    torch.manual_seed(seed)
+    masked, recon = method.reconstruct(x)
+    return reconstruction_figure(x, masked, recon, meta["mean"], meta["std"],
+                                 Path(out) if out else run.path / "reconstruction.png")
+
+
+__all__ = ["pretrain", "probe", "embed", "load_encoder", "load_method", "attention", "reconstruct",
+           "PretrainConfig", "DataConfig", "FitResult"]

@@ -170,6 +170,8 @@ class BackboneConfig:
     name: str = "resnet18-quarter"
     # ViT patch side; None picks 4 px for <= 32 px images, 8 for <= 64, else 16 (7-8 patches a side).
     patch_size: int | None = None
+    # ViT depth; None keeps the preset's 12 blocks (fewer train faster on a CPU).
+    depth: int | None = None
 
 
 @dataclass

@@ -87,7 +87,7 @@ def _apply_set(tree: dict[str, Any], assignment: str) -> None:
 
 @cli.command()
 @click.option("--data", "data_name", default=None, help="MedMNIST subset, .npz file or image folder. [default: bloodmnist]")
-@click.option("--method", default=None, help="Self-supervised method. [default: simclr]")
+@click.option("--method", default=None, help="simclr, mocov2, mocov3, byol, dino, mae, ijepa, rotation, autoencoder, denoising-autoencoder. [default: simclr]")
 @click.option("--backbone", default=None, help="resnet18, resnet18-half, resnet18-quarter, vit-tiny, vit-small. [default: resnet18-quarter]")
 @click.option("--epochs", type=int, default=None, help="Epochs over the training split. [default: 30]")
 @click.option("--batch-size", type=int, default=None, help="Global batch size. [default: 256]")
@@ -216,6 +216,35 @@ def embed(run: str, split: str, out: str | None, data_name: str | None, data_dir
 
     path = run_embed(run, split, out, data_name, data_dir, device)
     click.echo(f"written: {path}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--images", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help="Image files to show (repeatable); default: the first --n images of --split.")
+@click.option("--n", default=8, show_default=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--out", default=None, help="PNG to write (default: <run>/attention.png).")
+@click.option("--data-dir", default=None)
+def attention(run: str, images: tuple[str, ...], n: int, split: str, out: str | None, data_dir: str | None) -> None:
+    """Last-layer CLS attention of a ViT encoder per head, over the images (DINO's maps)."""
+    from medlatent.api import attention as draw
+
+    click.echo(f"written: {draw(run, list(images) or None, n, split, out, data_dir)}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--n", default=8, show_default=True)
+@click.option("--split", default="test", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the random masks.")
+@click.option("--out", default=None, help="PNG to write (default: <run>/reconstruction.png).")
+@click.option("--data-dir", default=None)
+def reconstruct(run: str, n: int, split: str, seed: int, out: str | None, data_dir: str | None) -> None:
+    """MAE input / masked / reconstruction grid for a few images."""
+    from medlatent.api import reconstruct as draw
+
+    click.echo(f"written: {draw(run, n, split, out, seed, data_dir)}")
 
 
 def main() -> None:

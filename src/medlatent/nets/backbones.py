@@ -160,7 +160,7 @@ ENCODERS = ("resnet18", "resnet18-half", "resnet18-quarter", "vit-tiny", "vit-sm
 
 
 def build_encoder(name: str, in_channels: int, img_size: int, spatial_dims: int = 2,
-                  patch_size: int | None = None) -> nn.Module:
+                  patch_size: int | None = None, depth: int | None = None) -> nn.Module:
     """An encoder by name (see :data:`ENCODERS`)."""
     if name == "resnet18":
         return SmallImageResNet(in_channels, spatial_dims, width=64)
@@ -171,5 +171,5 @@ def build_encoder(name: str, in_channels: int, img_size: int, spatial_dims: int 
     if name in ("vit-tiny", "vit-small"):
         dim, heads = (192, 3) if name == "vit-tiny" else (384, 6)
         return ViTEncoder(in_channels, img_size, patch_size or default_patch_size(img_size),
-                          hidden_size=dim, depth=12, num_heads=heads, spatial_dims=spatial_dims)
+                          hidden_size=dim, depth=depth or 12, num_heads=heads, spatial_dims=spatial_dims)
     raise ConfigError(f"backbone.name: unknown encoder '{name}' (known: {', '.join(ENCODERS)})")

@@ -1,0 +1,89 @@
+"""Every self-supervised method on BloodMNIST and PneumoniaMNIST (28 px) at the same wall-clock
+budget on this machine, each in its own process (so peak memory is its own), then one table.
+
+    python benchmarks/ssl_methods.py --budget-min 8          # CPU: ResNet-18/4 and ViT-tiny
+    python benchmarks/ssl_methods.py --table-only             # re-print the table from results
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+# method -> backbone: ResNets for the contrastive and distillation methods, a ViT where the
+# method works on patch tokens. Extra overrides per method go in the list.
+METHODS = {
+    "simclr": ("resnet18-quarter", []),
+    "mocov2": ("resnet18-quarter", []),
+    "mocov3": ("resnet18-quarter", []),
+    "byol": ("resnet18-quarter", []),
+    "dino": ("resnet18-quarter", []),
+    "mae": ("vit-tiny", []),
+    "ijepa": ("vit-tiny", []),
+    "rotation": ("resnet18-quarter", []),
+    "autoencoder": ("resnet18-quarter", []),
+    "denoising-autoencoder": ("resnet18-quarter", []),
+    "simclr-triplet": ("resnet18-quarter", ["method_options.objective=triplet"]),
+}
+PUBLISHED = {
+    "bloodmnist": [("MedMNIST v2 ResNet-18 (28), supervised", 0.958, 0.998, None, None),
+                   ("MedMNIST+ frozen ImageNet DINO ViT-B/16 (28)", 0.888, None, 0.852, None)],
+    "pneumoniamnist": [("MedMNIST v2 ResNet-18 (28), supervised", 0.854, 0.944, None, None),
+                       ("MedMNIST+ frozen ImageNet DINO ViT-B/16 (28)", 0.866, None, 0.857, None)],
+}
+
+
+def table(out_dir: Path, datasets: list[str]) -> str:
+    lines = []
+    for data in datasets:
+        lines.append(f"\n**{data}** (test split)\n")
+        lines.append("| method | backbone | epochs | img/s | peak RSS | k-NN ACC | k-NN AUC | linear ACC | linear AUC |")
+        lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for name in METHODS:
+            f = out_dir / f"{name}_{data}.json"
+            if not f.exists():
+                continue
+            r = json.loads(f.read_text())
+            k, lin = r["knn_test"], r["linear_test"]
+            lines.append(f"| {name} | {r['backbone']} | {r['epochs']} | {r['images_per_s_median']:.0f} | "
+                         f"{r['peak_rss_gib']:.1f} GiB | {k['acc']:.3f} | {k['auc']:.3f} | {lin['acc']:.3f} | "
+                         f"{lin['auc']:.3f} |")
+        for name, lin_acc, lin_auc, knn_acc, _ in PUBLISHED.get(data, []):
+            lines.append(f"| *{name}* | | | | | {knn_acc if knn_acc else ''} | | {lin_acc:.3f} | "
+                         f"{lin_auc if lin_auc else ''} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget-min", type=float, default=8.0)
+    ap.add_argument("--data", nargs="+", default=["bloodmnist", "pneumoniamnist"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--out-dir", default="benchmarks/out/ssl_methods")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out_dir)
+    if not args.table_only:
+        for data in args.data:
+            for name in args.methods:
+                if (out / f"{name}_{data}.json").exists():
+                    continue  # resumable: finished pairs are kept
+                backbone, sets = METHODS[name]
+                method = name.split("-triplet")[0]
+                cmd = [sys.executable, "benchmarks/pretrain_probe.py", "--method", method, "--data", data,
+                       "--backbone", backbone, "--budget-min", str(args.budget_min), "--out-dir", str(out),
+                       "--name", name]
+                for s in sets:
+                    cmd += ["--set", s]
+                print(" ".join(cmd), flush=True)
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                print(res.stdout.strip().splitlines()[-1] if res.returncode == 0 else res.stderr[-2000:], flush=True)
+    print(f"budget: {args.budget_min} min of pretraining per method and data set, then the probes")
+    print(table(out, args.data))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Figures from a run: attention maps, reconstructions (matplotlib, written as PNG)."""
