@@ -165,5 +165,6 @@ def test_warp_grid_equals_torch_affine_grid():
         d = len(shape) - 2
         theta = torch.randn(shape[0], d, d + 1, generator=gen(1))
         grid = F.affine_grid(theta, [shape[0], shape[1]] + [size] * d, align_corners=False)
+        assert torch.allclose(ops.affine_grid(theta, size), grid, atol=1e-6)
         ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        assert torch.allclose(ops.warp(x, theta, size), ref, atol=1e-5)
+        assert torch.allclose(ops.warp(x, theta, size, "reflection"), ref, atol=1e-5)

@@ -285,10 +285,10 @@ def _figure_inputs(run: RunDir, meta: dict[str, Any], images: list[str] | None, 
     from medlatent.data.store import to_float
 
     if images:
-        from medlatent.data.folders import _prepare
+        from medlatent.data.folders import prepare_image
 
         cfg = run.read_config()
-        arrays = [_prepare(Path(f), meta["image_size"], meta["spatial_dims"], cfg.data.normalize,
+        arrays = [prepare_image(Path(f), meta["image_size"], meta["spatial_dims"], cfg.data.normalize,
                            (cfg.data.window_center, cfg.data.window_width), (0.5, 99.5)) for f in images]
         x = torch.stack([to_float(torch.from_numpy(a)) for a in arrays])
         if x.shape[1] != meta["channels"]:

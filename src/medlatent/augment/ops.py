@@ -12,7 +12,6 @@ op here is a handful of tensor operations over the whole batch.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -95,26 +94,34 @@ def _plane_rotation(angle: torch.Tensor, d: int) -> torch.Tensor:
     return m
 
 
-@functools.lru_cache(maxsize=16)
-def _base_grid(size: int, d: int, device: torch.device) -> torch.Tensor:
-    """(size^d, d + 1) homogeneous output coordinates: pixel centres in [-1, 1], x fastest."""
-    t = (torch.arange(size, device=device, dtype=torch.float32) * 2 + 1) / size - 1
-    axes = torch.meshgrid(*([t] * d), indexing="ij")  # slowest axis first: (z,) y, x
-    coords = [a.reshape(-1) for a in reversed(axes)]  # x, y(, z)
-    return torch.stack(coords + [torch.ones_like(coords[0])], dim=1)
+def affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """The sampling grid of ``F.affine_grid(theta, ..., align_corners=False)`` for a square
+    (cubic) output of side ``size``: (B, d, d+1) -> (B, *[size] * d, d).
+
+    Each output coordinate is sum_j theta_ij c_j + t_i, where c_j varies along one axis only,
+    so the grid is an outer sum of small per-axis vectors: one pass over the output instead of
+    a batched matrix product against a (size^d, d+1) base grid (3x faster on a CPU at 64 px)."""
+    b, d = theta.shape[0], theta.shape[1]
+    c = (torch.arange(size, device=theta.device, dtype=theta.dtype) * 2 + 1) / size - 1  # pixel centres
+    grid = torch.empty(b, *([size] * d), d, device=theta.device, dtype=theta.dtype)
+    ones = [1] * d
+    for i in range(d):  # output coordinate i: x, y(, z)
+        acc = theta[:, i, d].view(b, *ones)
+        for j in range(d):  # coordinate j varies along grid dim d - j (x fastest)
+            shape = [1] * (d + 1)
+            shape[d - j] = size
+            acc = acc + theta[:, i, j].view(b, *ones) * c.view(shape)
+        grid[..., i] = acc
+    return grid
 
 
-def warp(x: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
-    """Resample (B, C, *S) through per-sample affine maps (B, d, d+1) to side ``size``
-    (bilinear, reflection padding).
+def warp(x: torch.Tensor, theta: torch.Tensor, size: int, padding: str = "border") -> torch.Tensor:
+    """Resample (B, C, *S) through per-sample affine maps (B, d, d+1) to side ``size`` (bilinear).
 
-    Same grid as ``F.affine_grid(align_corners=False)``, built as one batched matmul against a
-    cached base grid (affine_grid rebuilds its base grid per call and costs more than the
-    resampling itself on small images)."""
-    b, d = x.shape[0], x.dim() - 2
-    grid = _base_grid(size, d, x.device) @ theta.to(torch.float32).transpose(1, 2)  # (B, size^d, d)
-    grid = grid.view(b, *([size] * d), d).to(x.dtype)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    ``border`` padding is exact for crops, flips and 90-degree turns, which never leave the
+    image; free rotations, whose corners do, use ``reflection``."""
+    grid = affine_grid(theta.to(torch.float32), size).to(x.dtype)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 def random_geometry(x: torch.Tensor, size: int, g: torch.Generator, scale: tuple[float, float] = (1.0, 1.0),
@@ -132,7 +139,7 @@ def random_geometry(x: torch.Tensor, size: int, g: torch.Generator, scale: tuple
     if degrees:
         orient = rotation_matrix(g, b, d, degrees) @ orient
     theta = torch.cat([theta[:, :, :d] @ orient, theta[:, :, d:]], dim=2)
-    return warp(x, theta, size)
+    return warp(x, theta, size, "reflection" if degrees else "border")
 
 
 def center_resize(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -59,7 +59,7 @@ def load_folder(root: str | Path, size: int = 28, spatial_dims: int = 2,
     splits: dict[str, ImageSet] = {}
     arrays: dict[str, list[np.ndarray]] = {}
     for split, (files, classes) in layout.items():
-        arrays[split] = [_prepare(f, size, spatial_dims, normalize, window, percentiles) for f in files]
+        arrays[split] = [prepare_image(f, size, spatial_dims, normalize, window, percentiles) for f in files]
     n_channels = {a.shape[0] for arrs in arrays.values() for a in arrs}
     target_c = max(n_channels)
     if n_channels - {1, target_c}:
@@ -128,8 +128,10 @@ def read_image(path: Path) -> np.ndarray:
     return a
 
 
-def _prepare(path: Path, size: int, spatial_dims: int, normalize: Normalize,
-             window: tuple[float, float], percentiles: tuple[float, float]) -> np.ndarray:
+def prepare_image(path: Path, size: int, spatial_dims: int, normalize: Normalize,
+                  window: tuple[float, float], percentiles: tuple[float, float]) -> np.ndarray:
+    """One file -> (C, *size) array: read, centre-cropped to a square, resized, normalised to
+    [0, 1] (uint8 when normalize="none" and the file is 8-bit, else float32)."""
     a = read_image(path)
     if a.ndim - 1 == spatial_dims + 1 and spatial_dims == 3:  # (1, X, Y, Z, T): T as channels
         a = np.moveaxis(a[0], -1, 0)
