@@ -7,6 +7,7 @@ inside the commands, so ``medlatent --help`` answers at once.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from pathlib import Path
@@ -156,7 +157,8 @@ def _run_pretraining(cfg: Any, output: str | None, resume: bool) -> None:
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
                TextColumn("ETA"), TimeRemainingColumn()]
-    with Progress(*columns, disable=not dist.is_main() and False, transient=False) as bar:
+    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; only rank 0 draws
+    with Progress(*columns, disable=not main_process, transient=False) as bar:
         task = bar.add_task("pretrain", total=None, loss=float("nan"), ips=0.0)
 
         def on_progress(p: Any) -> None:

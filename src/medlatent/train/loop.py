@@ -90,9 +90,10 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
         return FitResult(start, total, "finished", 0.0)
     model: nn.Module = method
     if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            nn.SyncBatchNorm.convert_sync_batchnorm(method),
-            device_ids=[device.index] if device.type == "cuda" else None)
+        # Batch norm over the global batch on GPUs; PyTorch's SyncBatchNorm has no CPU kernel,
+        # so CPU processes normalise over their own share of the batch.
+        synced = nn.SyncBatchNorm.convert_sync_batchnorm(method) if device.type == "cuda" else method
+        model = nn.parallel.DistributedDataParallel(synced, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
         method.encoder.compile()
     images = images.to(device)
