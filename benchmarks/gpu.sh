@@ -12,7 +12,7 @@ python3 benchmarks/views_and_step.py --device cuda --backbone resnet18 --batch 5
     --out "$OUT/views_and_step_gpu.json" 2>&1 | tail -20 | tee "$OUT/views_and_step_gpu.txt"
 for spec in "bloodmnist 100" "pneumoniamnist 200"; do
   set -- $spec
-  python3 benchmarks/simclr_medmnist.py --data "$1" --backbone resnet18 --epochs "$2" --batch-size 512 \
-      --budget-min 4 --set train.checkpoint_every=100000 --out-dir /tmp/sim 2>&1 | tail -12 | tee "$OUT/simclr_$1_gpu.txt"
+  python3 benchmarks/pretrain_probe.py --method simclr --data "$1" --backbone resnet18 --epochs "$2" --batch-size 512 \
+      --budget-min 4 --set train.checkpoint_every=100000 --out-dir /tmp/sim 2>&1 | tail -2 | tee "$OUT/simclr_$1_gpu.txt"
   cp /tmp/sim/simclr_$1.json "$OUT/simclr_$1_gpu.json"
 done
