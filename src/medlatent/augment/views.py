@@ -33,6 +33,13 @@ def resolve(cfg: ViewConfig, data_name: str) -> ViewConfig:
     )
 
 
+def geometric_only(cfg: ViewConfig, crop_scale: tuple[float, float]) -> ViewConfig:
+    """``cfg`` with every photometric distortion off: crops, flips and rotations only (the views
+    of masked-image and reconstruction methods, for which the pixels are the target)."""
+    return dataclasses.replace(cfg, crop_scale=crop_scale, color_jitter=0.0, grayscale=0.0, intensity_jitter=0.0,
+                               blur=0.0, solarize=0.0, noise=0.0)
+
+
 def augment(x: torch.Tensor, cfg: ViewConfig, size: int, g: torch.Generator) -> torch.Tensor:
     """One augmented view of a float batch in [0, 1]: (B, C, *S) -> (B, C, *size), in [0, 1].
 

@@ -8,7 +8,6 @@ input with Gaussian noise first. The decoder is reused for anomaly detection and
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 
+from medlatent.augment.views import geometric_only
 from medlatent.config import ViewConfig
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
 
@@ -79,9 +79,7 @@ def _build(encoder: nn.Module, o: AutoencoderConfig, context: BuildContext) -> A
 
 def _views(base: ViewConfig, size: int, o: AutoencoderConfig) -> list[tuple[ViewConfig, int]]:
     """Mild geometric augmentation only: the target is the view itself."""
-    plain = dataclasses.replace(base, crop_scale=(0.6, 1.0), color_jitter=0.0, grayscale=0.0,
-                                intensity_jitter=0.0, blur=0.0, solarize=0.0, noise=0.0)
-    return [(plain, size)]
+    return [(geometric_only(base, (0.6, 1.0)), size)]
 
 
 @dataclass

@@ -10,7 +10,6 @@ the target blocks.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medlatent.augment.views import geometric_only
 from medlatent.config import ViewConfig
 from medlatent.nets.backbones import ViTEncoder, transformer_block
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
@@ -143,9 +143,7 @@ def _build(encoder: nn.Module, o: IJEPAConfig, context: BuildContext) -> IJEPA:
 
 def _views(base: ViewConfig, size: int, o: IJEPAConfig) -> list[tuple[ViewConfig, int]]:
     """I-JEPA uses no hand-crafted view augmentations beyond a crop and flip (Sec. 1)."""
-    plain = dataclasses.replace(base, crop_scale=(0.3, 1.0), color_jitter=0.0, grayscale=0.0,
-                                intensity_jitter=0.0, blur=0.0, solarize=0.0, noise=0.0)
-    return [(plain, size)]
+    return [(geometric_only(base, (0.3, 1.0)), size)]
 
 
 SPEC = MethodSpec("ijepa", IJEPAConfig, _build, _views,

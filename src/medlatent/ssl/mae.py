@@ -8,12 +8,12 @@ per-patch normalised pixels. Named steps follow the reference implementation.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from medlatent.augment.views import geometric_only
 from medlatent.config import ViewConfig
 from medlatent.losses import MaskedPatchLoss
 from medlatent.nets.backbones import ViTEncoder, transformer_block
@@ -107,9 +107,7 @@ def _build(encoder: nn.Module, o: MAEConfig, context: BuildContext) -> MAE:
 
 def _views(base: ViewConfig, size: int, o: MAEConfig) -> list[tuple[ViewConfig, int]]:
     """MAE uses only random resized crops and flips (Sec. 4, "masking is the augmentation")."""
-    plain = dataclasses.replace(base, crop_scale=(0.2, 1.0), color_jitter=0.0, grayscale=0.0,
-                                intensity_jitter=0.0, blur=0.0, solarize=0.0, noise=0.0)
-    return [(plain, size)]
+    return [(geometric_only(base, (0.2, 1.0)), size)]
 
 
 SPEC = MethodSpec("mae", MAEConfig, _build, _views,
