@@ -8,7 +8,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_RUN ?= runs/demo-bloodmnist-simclr
 
-.PHONY: setup demo test bench clean
+.PHONY: setup browser demo test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,15 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# Headless Chromium (Debian's package) for the report's browser check; where it cannot be
+# installed (no root, no apt) that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+		( command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		  ( apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		    ( apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1 ) ) ) || \
+		echo "chromium could not be installed: the report's browser check will be skipped"
+
 demo: setup
 	@if [ -f $(DEMO_RUN)/config.yaml ]; then \
 		$(BIN)/medlatent pretrain --resume $(DEMO_RUN); \
@@ -25,8 +34,9 @@ demo: setup
 		$(BIN)/medlatent pretrain --data bloodmnist --method simclr --epochs 30 --output $(DEMO_RUN); \
 	fi
 	$(BIN)/medlatent probe $(DEMO_RUN)
+	$(BIN)/medlatent report $(DEMO_RUN)
 
-test: setup
+test: setup browser
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -13,21 +13,20 @@ over them. Example::
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 import torch.nn as nn
 
 from medlatent import dist
 from medlatent.config import DataConfig, PretrainConfig, from_dict, to_dict
-from medlatent.data.catalogue import MULTI_LABEL
 from medlatent.data.sources import load_dataset
-from medlatent.data.store import Dataset, channel_stats
-from medlatent.errors import CheckpointError, ConfigError, DataError
+from medlatent.data.store import channel_stats
+from medlatent.errors import ConfigError, DataError
+from medlatent.eval.finetune import FinetuneConfig
+from medlatent.eval.session import RunEvaluation, load_encoder, load_method
 from medlatent.train import checkpoint
 from medlatent.train.loop import FitResult, Progress, fit
 from medlatent.train.precision import resolve_channels_last, resolve_device, resolve_precision
@@ -116,44 +115,6 @@ def export_encoder(run: RunDir, encoder: nn.Module, cfg: PretrainConfig) -> None
                             metadata=dict(backbone=cfg.backbone.name, method=cfg.method))
 
 
-def load_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any], int]:
-    """The newest encoder of a run: (encoder in eval mode, data.json contents, its step).
-
-    Raises:
-        CheckpointError: the folder is not a run, or it has no checkpoint yet.
-    """
-    from medlatent.nets.backbones import build_encoder
-
-    run = RunDir(Path(run_dir))
-    cfg = run.read_config()
-    ckpt = checkpoint.latest(run.checkpoints, with_optimizer=False)
-    if ckpt is None:
-        raise CheckpointError(f"{run.path}: has no checkpoint yet (a run writes its first one at the end of "
-                              f"epoch 1); nothing to evaluate")
-    meta = run.read_json("data.json")
-    encoder = build_encoder(cfg.backbone.name, meta["channels"], meta["image_size"], meta["spatial_dims"],
-                            cfg.backbone.patch_size, cfg.backbone.depth)
-    weights = {k[len("encoder."):]: v for k, v in ckpt.model.items() if k.startswith("encoder.")}
-    missing, unexpected = encoder.load_state_dict(weights, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{ckpt.path}: encoder weights do not match {cfg.backbone.name} "
-                              f"(missing {len(missing)}, unexpected {len(unexpected)})")
-    return encoder.to(device).eval(), meta, ckpt.step
-
-
-def _probe_data(run: RunDir, data: str | None, data_dir: str | None) -> tuple[Dataset, PretrainConfig]:
-    cfg = run.read_config()
-    dcfg = dataclasses.replace(cfg.data, name=data or cfg.data.name,
-                               data_dir=data_dir if data_dir is not None else cfg.data.data_dir)
-    return load_dataset(dcfg), cfg
-
-
-def _check_channels(encoder: nn.Module, ds: Dataset, run: Path) -> None:
-    if encoder.in_channels != ds.channels:
-        raise DataError(f"{run}: the encoder takes {encoder.in_channels}-channel images but "
-                        f"{ds.source or ds.name} has {ds.channels}-channel images")
-
-
 def probe(run_dir: str | Path, data: str | None = None, splits: tuple[str, ...] = ("val", "test"),
           label_fractions: tuple[float, ...] = (1.0,), seeds: tuple[int, ...] = (0,), k: int = 20,
           data_dir: str | None = None, device: str = "auto") -> dict[str, Any]:
@@ -167,115 +128,24 @@ def probe(run_dir: str | Path, data: str | None = None, splits: tuple[str, ...] 
         seeds: seeds for drawing the label subsets (fractions < 1 only).
         k: neighbours for k-NN.
     """
-    from medlatent.eval.features import extract_features
-    from medlatent.eval.fractions import label_fraction
-    from medlatent.eval.knn import knn_scores
-    from medlatent.eval.linear import linear_probe
-    from medlatent.eval.metrics import evaluate
-
-    run = RunDir(Path(run_dir))
-    dev = resolve_device(device)
-    encoder, meta, step = load_encoder(run.path, dev)
-    ds, cfg = _probe_data(run, data, data_dir)
-    _check_channels(encoder, ds, run.path)
-    if ds.task is None:
-        raise DataError(f"{ds.source or ds.name}: has no labels; probing needs labelled train and val splits")
-    needed = ["train", "val"] + [s for s in splits if s not in ("train", "val")]
-    sets = {s: ds.split(s) for s in needed}
-    autocast = resolve_precision(cfg.train.precision, dev)
-    cl = resolve_channels_last(cfg.train.channels_last, encoder)
-    feats = {s: extract_features(encoder, sets[s].images, meta["mean"], meta["std"], dev, autocast,
-                                 channels_last=cl) for s in needed}
-    multi_label = ds.task == MULTI_LABEL
-    n_out = ds.n_classes
-
-    def target(s: str) -> torch.Tensor:
-        y = sets[s].labels
-        assert y is not None
-        return y if multi_label else y[:, 0]
-
-    rows = []
-    for fraction in label_fractions:
-        for seed in (seeds if fraction < 1 else seeds[:1]):
-            idx = label_fraction(sets["train"].labels, fraction, seed, multi_label)
-            tx, ty = feats["train"][idx], target("train")[idx]
-            lin = linear_probe(tx, ty, feats["val"], target("val"), ds.task, n_out)
-            for s in splits:
-                y_true = sets[s].labels.numpy()
-                knn = knn_scores(tx, ty, feats[s], n_out, multi_label, k=k).numpy()
-                rows.append(dict(protocol="knn", split=s, fraction=fraction, seed=seed, n_labels=len(idx),
-                                 **evaluate(y_true, knn, ds.task)))
-                rows.append(dict(protocol="linear", split=s, fraction=fraction, seed=seed, n_labels=len(idx),
-                                 weight_decay=lin.weight_decay,
-                                 **evaluate(y_true, lin.scores(feats[s]).numpy(), ds.task)))
-    result = dict(run=str(run.path), data=ds.name, task=ds.task, encoder_step=step, k=k,
-                  rows=rows, summary=_summarise(rows))
-    run.write_json("probe.json", result)
-    return result
+    return RunEvaluation(run_dir, data, data_dir, device).probe(splits, label_fractions, seeds, k)
 
 
-def _summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and standard deviation over seeds of each (protocol, split, fraction)."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["protocol"], r["split"], r["fraction"]), []).append(r)
-    out = []
-    for (protocol, split, fraction), rs in groups.items():
-        entry: dict[str, Any] = dict(protocol=protocol, split=split, fraction=fraction, n_seeds=len(rs))
-        for m in ("acc", "auc", "balanced_acc"):
-            v = np.array([r[m] for r in rs], dtype=float)
-            entry[m], entry[f"{m}_std"] = float(v.mean()), float(v.std())
-        out.append(entry)
-    return out
+def label_efficiency(run_dir: str | Path, fractions: tuple[float, ...] = (0.01, 0.1, 0.25, 1.0),
+                     seeds: tuple[int, ...] = (0, 1, 2),
+                     protocols: tuple[str, ...] = ("knn", "linear", "finetune", "supervised"),
+                     finetune: FinetuneConfig | None = None, data: str | None = None, data_dir: str | None = None,
+                     device: str = "auto", progress: Callable[[float, int], None] | None = None) -> dict[str, Any]:
+    """Label-efficiency curves: every protocol at every fraction of the training labels, several
+    seeds; ``<run>/label_efficiency.json`` and ``.png``. See :class:`RunEvaluation`."""
+    return RunEvaluation(run_dir, data, data_dir, device).label_efficiency(
+        fractions, seeds, protocols, finetune, progress=progress)
 
 
 def embed(run_dir: str | Path, split: str = "test", out: str | Path | None = None, data: str | None = None,
           data_dir: str | None = None, device: str = "auto") -> Path:
     """Write the encoder's embeddings of one split to an .npz (``embeddings`` (N, D), ``labels``)."""
-    from medlatent.eval.features import extract_features
-
-    run = RunDir(Path(run_dir))
-    dev = resolve_device(device)
-    encoder, meta, step = load_encoder(run.path, dev)
-    ds, cfg = _probe_data(run, data, data_dir)
-    _check_channels(encoder, ds, run.path)
-    s = ds.split(split)
-    autocast = resolve_precision(cfg.train.precision, dev)
-    feats = extract_features(encoder, s.images, meta["mean"], meta["std"], dev, autocast,
-                             channels_last=resolve_channels_last(cfg.train.channels_last, encoder))
-    path = Path(out) if out else run.path / f"embeddings-{split}.npz"
-    arrays: dict[str, np.ndarray] = dict(embeddings=feats.numpy(), step=np.array(step))
-    if s.labels is not None:
-        arrays["labels"] = s.labels.numpy()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
-    return path
-
-
-def load_method(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any], int]:
-    """The whole method of a run (encoder, heads, decoders, teachers) from its newest checkpoint."""
-    from medlatent.nets.backbones import build_encoder
-    from medlatent.ssl.base import BuildContext
-    from medlatent.ssl.registry import get_method
-
-    run = RunDir(Path(run_dir))
-    cfg = run.read_config()
-    ckpt = checkpoint.latest(run.checkpoints, with_optimizer=False)
-    if ckpt is None:
-        raise CheckpointError(f"{run.path}: has no checkpoint yet; nothing to show")
-    meta = run.read_json("data.json")
-    spec = get_method(cfg.method)
-    options = from_dict(spec.options, cfg.method_options, "method_options")
-    encoder = build_encoder(cfg.backbone.name, meta["channels"], meta["image_size"], meta["spatial_dims"],
-                            cfg.backbone.patch_size, cfg.backbone.depth)
-    context = BuildContext(meta["n_images"], cfg.train.batch_size, meta["image_size"], meta["channels"],
-                           meta["spatial_dims"])
-    method = spec.build(encoder, options, context)
-    method.load_state_dict(ckpt.model)
-    return method.to(device).eval(), meta, ckpt.step
+    return RunEvaluation(run_dir, data, data_dir, device, need_labels=False).embed(split, out)
 
 
 def _figure_inputs(run: RunDir, meta: dict[str, Any], images: list[str] | None, n: int, split: str,
@@ -289,7 +159,7 @@ def _figure_inputs(run: RunDir, meta: dict[str, Any], images: list[str] | None, 
 
         cfg = run.read_config()
         arrays = [prepare_image(Path(f), meta["image_size"], meta["spatial_dims"], cfg.data.normalize,
-                           (cfg.data.window_center, cfg.data.window_width), (0.5, 99.5)) for f in images]
+                                (cfg.data.window_center, cfg.data.window_width), (0.5, 99.5)) for f in images]
         x = torch.stack([to_float(torch.from_numpy(a)) for a in arrays])
         if x.shape[1] != meta["channels"]:
             if x.shape[1] == 1:
@@ -297,7 +167,8 @@ def _figure_inputs(run: RunDir, meta: dict[str, Any], images: list[str] | None, 
             else:
                 raise DataError(f"{images[0]}: has {x.shape[1]} channels; the encoder takes {meta['channels']}")
     else:
-        ds, _ = _probe_data(run, None, data_dir)
+        cfg = run.read_config()
+        ds = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir or cfg.data.data_dir))
         x = to_float(ds.split(split).images[:n])
     return ops.normalize(x, torch.tensor(meta["mean"]), torch.tensor(meta["std"]))
 
@@ -338,5 +209,23 @@ def reconstruct(run_dir: str | Path, n: int = 8, split: str = "test", out: str |
                                  Path(out) if out else run.path / "reconstruction.png")
 
 
-__all__ = ["pretrain", "probe", "embed", "load_encoder", "load_method", "attention", "reconstruct",
-           "PretrainConfig", "DataConfig", "FitResult"]
+def report(run_dir: str | Path, data_dir: str | None = None, device: str = "auto") -> Path:
+    """One self-contained HTML page for a run (``<run>/report.html``); computes what is missing
+    (probe, embedding map, retrieval, confusion matrix) and includes what exists (label
+    efficiency, attention maps, reconstructions)."""
+    from medlatent.report.html import write_report
+
+    return write_report(RunEvaluation(run_dir, None, data_dir, device))
+
+
+def compare(run_dirs: list[str | Path], out: str | Path | None = None) -> tuple[str, Path | None]:
+    """Side-by-side table of runs (method, backbone, steps, test ACC/AUC per protocol), as
+    Markdown, and as an HTML page when ``out`` is given."""
+    from medlatent.report.html import compare_runs
+
+    return compare_runs([Path(r) for r in run_dirs], Path(out) if out else None)
+
+
+__all__ = ["pretrain", "run_pretraining", "probe", "label_efficiency", "embed", "load_encoder", "load_method",
+           "attention", "reconstruct", "report", "compare", "PretrainConfig", "DataConfig", "FitResult",
+           "FinetuneConfig", "RunEvaluation"]

@@ -222,6 +222,97 @@ def embed(run: str, split: str, out: str | None, data_name: str | None, data_dir
 
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
+@click.option("--fraction", "fractions", multiple=True, type=float, default=(0.01, 0.1, 0.25, 1.0), show_default=True,
+              help="Fractions of the training labels (repeatable).")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Label-subset draws per fraction.")
+@click.option("--protocol", "protocols", multiple=True, default=("knn", "linear", "finetune", "supervised"),
+              show_default=True, help="knn, linear, finetune (the pretrained encoder) and supervised (from scratch).")
+@click.option("--epochs", type=int, default=None, help="Most fine-tuning epochs (default 30; early stopping on val).")
+@click.option("--min-steps", type=int, default=None,
+              help="Fewest fine-tuning steps, so small label fractions still train (default 300).")
+@click.option("--data", "data_name", default=None, help="Labelled data (default: the pretraining data).")
+@click.option("--data-dir", default=None)
+@click.option("--device", default="auto", show_default=True)
+def efficiency(run: str, fractions: tuple[float, ...], seeds: int, protocols: tuple[str, ...], epochs: int | None,
+               min_steps: int | None, data_name: str | None, data_dir: str | None, device: str) -> None:
+    """Label-efficiency curves: k-NN, linear probe, fine-tuning and the supervised baseline at
+    several label fractions and seeds (mean and std), with a plot."""
+    from medlatent.api import label_efficiency
+    from medlatent.eval.finetune import FinetuneConfig
+
+    given = dict(epochs=epochs, min_steps=min_steps)
+    cfg = FinetuneConfig(**{k: v for k, v in given.items() if v is not None})
+
+    def progress(fraction: float, seed: int) -> None:
+        click.echo(f"  {fraction:.0%} of the labels, seed {seed}: done")
+
+    result = label_efficiency(run, fractions, tuple(range(seeds)), protocols, cfg, data_name, data_dir, device, progress)
+    click.echo(f"{'protocol':10} {'labels':>7}  {'test ACC':>15}  {'test AUC':>15}")
+    for r in sorted(result["summary"], key=lambda r: (r["protocol"], r["fraction"])):
+        click.echo(f"{r['protocol']:10} {r['fraction']:>7.0%}  {r['acc']:.4f} ± {r['acc_std']:.4f}  "
+                   f"{r['auc']:.4f} ± {r['auc_std']:.4f}")
+    for protocol, c in result["crossover"].items():
+        if c is not None:
+            at = "never" if c["smallest"] is None else f"from {c['smallest']:.0%} of the labels"
+            click.echo(f"{protocol} beats training from scratch: {at}")
+    click.echo(f"written: {Path(run) / 'label_efficiency.json'}, {Path(run) / 'label_efficiency.png'}")
+
+
+@cli.command("map")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--split", default="test", show_default=True)
+@click.option("--max-points", default=2000, show_default=True)
+@click.option("--out", default=None, help="PNG to write (default: <run>/embedding_map_<split>.png).")
+@click.option("--data-dir", default=None)
+def map_(run: str, split: str, max_points: int, out: str | None, data_dir: str | None) -> None:
+    """2-D map of the embedding (UMAP if installed, else t-SNE), coloured by label, with thumbnails."""
+    from medlatent.eval.session import RunEvaluation
+
+    ev = RunEvaluation(run, None, data_dir, need_labels=False)
+    click.echo(f"written: {ev.embedding_map(split, max_points, out=out)}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--k", default=8, show_default=True, help="Neighbours shown per query.")
+@click.option("--queries", default=6, show_default=True)
+@click.option("--data-dir", default=None)
+def retrieve(run: str, k: int, queries: int, data_dir: str | None) -> None:
+    """Nearest training images of test queries (a grid) and retrieval precision@1/5/10."""
+    from medlatent.eval.session import RunEvaluation
+
+    result = RunEvaluation(run, None, data_dir).retrieval(k=k, n_queries=queries)
+    click.echo("  ".join(f"{name} {v:.4f}" for name, v in result.items() if name.startswith("precision@")))
+    click.echo(f"written: {result['figure']}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--data-dir", default=None)
+@click.option("--device", default="auto", show_default=True)
+def report(run: str, data_dir: str | None, device: str) -> None:
+    """One self-contained HTML page: config, training curves, probes, label efficiency (if run),
+    embedding map, retrieval, confusion matrix, published rows."""
+    from medlatent.api import report as write
+
+    click.echo(f"written: {write(run, data_dir, device)}")
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--html", "html_out", default=None, help="Also write the table as an HTML page.")
+def compare(runs: tuple[str, ...], html_out: str | None) -> None:
+    """Side-by-side table of several runs (their probe results on test)."""
+    from medlatent.api import compare as table
+
+    md, written = table(list(runs), html_out)
+    click.echo(md)
+    if written:
+        click.echo(f"written: {written}")
+
+
+@cli.command()
+@click.argument("run", type=click.Path(file_okay=False))
 @click.option("--images", multiple=True, type=click.Path(dir_okay=False, exists=True),
               help="Image files to show (repeatable); default: the first --n images of --split.")
 @click.option("--n", default=8, show_default=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -36,3 +37,13 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, mean: list[float]
             out.append(encoder(x).float().cpu())
     encoder.train(was_training)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_scores(model: nn.Module, images: torch.Tensor, mean: list[float], std: list[float], device: torch.device,
+                   multi_label: bool, autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
+                   batch_size: int = 512) -> np.ndarray:
+    """Class probabilities of a classifier (softmax, or sigmoid per label): (N, K) numpy."""
+    model.eval()
+    logits = extract_features(model, images, mean, std, device, autocast_dtype, batch_size, channels_last)
+    return (torch.sigmoid(logits) if multi_label else torch.softmax(logits, dim=1)).numpy()

@@ -11,7 +11,7 @@ multi-label.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, roc_auc_score
 
 from medlatent.data.catalogue import BINARY, MULTI_LABEL
 
@@ -62,3 +62,12 @@ def _auc(y: np.ndarray, s: np.ndarray) -> float:
 def _squeeze(y: np.ndarray) -> np.ndarray:
     y = np.asarray(y)
     return y[:, 0] if y.ndim == 2 and y.shape[1] == 1 else y
+
+
+def confusion(y_true: np.ndarray, y_score: np.ndarray, task: str, n_classes: int) -> np.ndarray | None:
+    """(K, K) counts, rows = true class, columns = predicted (None for multi-label tasks)."""
+    if task == MULTI_LABEL:
+        return None
+    y_true = _squeeze(y_true)
+    pred = (np.asarray(y_score)[:, -1] > 0.5).astype(int) if task == BINARY else np.asarray(y_score).argmax(-1)
+    return confusion_matrix(y_true, pred, labels=list(range(n_classes)))

@@ -90,3 +90,115 @@ def reconstruction_figure(images: torch.Tensor, masked: torch.Tensor, recon: tor
     for r, name in enumerate(("input", "masked", "reconstruction")):
         axes[r, 0].set_title(name, fontsize=8, loc="left")
     return _save(fig, out)
+
+
+PROTOCOL_STYLE = {"knn": ("k-NN (frozen)", "tab:blue"), "linear": ("linear probe (frozen)", "tab:orange"),
+                  "finetune": ("fine-tuned", "tab:green"), "supervised": ("supervised from scratch", "tab:red")}
+
+
+def efficiency_figure(summary: list[dict], title: str, out: Path, metric: str = "acc") -> Path:
+    """Test metric against the fraction of training labels, one line per protocol, +-1 std."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for protocol, (label, colour) in PROTOCOL_STYLE.items():
+        rows = sorted((r for r in summary if r["protocol"] == protocol and r["split"] == "test"),
+                      key=lambda r: r["fraction"])
+        if not rows:
+            continue
+        x = [r["fraction"] * 100 for r in rows]
+        y = np.array([r[metric] for r in rows])
+        sd = np.array([r[f"{metric}_std"] for r in rows])
+        ax.plot(x, y, "o-", color=colour, label=label)
+        ax.fill_between(x, y - sd, y + sd, color=colour, alpha=0.15)
+    ax.set_xscale("log")
+    ax.set_xlabel("training labels used (%)")
+    ax.set_ylabel(f"test {metric.upper()}")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def embedding_map_figure(coords: np.ndarray, labels: np.ndarray | None, class_names: list[str],
+                         thumbs: list[tuple[int, np.ndarray]], title: str, out: Path) -> Path:
+    """Scatter of 2-D coordinates coloured by class, with a few image thumbnails placed on it."""
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    if labels is None:
+        ax.scatter(coords[:, 0], coords[:, 1], s=3, c="tab:gray")
+    else:
+        cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+        for c, name in enumerate(class_names):
+            m = labels == c
+            ax.scatter(coords[m, 0], coords[m, 1], s=3, color=cmap(c % cmap.N), label=name[:30])
+        ax.legend(fontsize=6, markerscale=4, loc="best")
+    for i, img in thumbs:
+        box = OffsetImage(img, zoom=0.9, cmap="gray" if img.ndim == 2 else None)
+        ax.add_artist(AnnotationBbox(box, coords[i], frameon=True, pad=0.1))
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    return _save(fig, out)
+
+
+def retrieval_figure(queries: list[np.ndarray], neighbours: list[list[np.ndarray]], relevant: list[list[bool]],
+                     title: str, out: Path) -> Path:
+    """One row per query: the query, then its nearest gallery images (green frame: same class)."""
+    plt = _plt()
+    k = len(neighbours[0])
+    fig, axes = plt.subplots(len(queries), k + 1, figsize=(1.3 * (k + 1), 1.3 * len(queries)), squeeze=False)
+    for r, q in enumerate(queries):
+        axes[r, 0].imshow(q, cmap="gray" if q.ndim == 2 else None)
+        for j in range(k):
+            img = neighbours[r][j]
+            ax = axes[r, j + 1]
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:green" if relevant[r][j] else "tab:red")
+                spine.set_linewidth(2.5)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_title("query", fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, out)
+
+
+def confusion_figure(matrix: np.ndarray, class_names: list[str], title: str, out: Path) -> Path:
+    """Row-normalised confusion matrix (rows: true class, columns: predicted)."""
+    plt = _plt()
+    norm = matrix / np.maximum(matrix.sum(1, keepdims=True), 1)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    short = [c[:14] for c in class_names]
+    ax.set_xticks(range(n), short, rotation=60, ha="right", fontsize=6)
+    ax.set_yticks(range(n), short, fontsize=6)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, out)
+
+
+def training_curves_figure(metrics: list[dict], title: str, out: Path) -> Path:
+    """Loss (and learning rate) against steps from a run's metrics.jsonl."""
+    plt = _plt()
+    rows = [m for m in metrics if "loss" in m and "lr" in m]
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    if rows:
+        steps = [m["step"] for m in rows]
+        ax.plot(steps, [m["loss"] for m in rows], color="tab:blue")
+        ax2 = ax.twinx()
+        ax2.plot(steps, [m["lr"] for m in rows], color="tab:gray", alpha=0.6)
+        ax2.set_ylabel("learning rate", color="tab:gray")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    return _save(fig, out)

@@ -1,0 +1,331 @@
+"""Evaluating a run: load its encoder and labelled data once, then any protocol on cached features.
+
+:class:`RunEvaluation` is what ``medlatent probe``, ``efficiency``, ``map``, ``retrieve``,
+``report`` and ``embed`` share: the encoder of the newest checkpoint, the labelled data set
+(the pretraining data unless another is named), features per split computed once, and the
+protocols (k-NN, linear probe, fine-tuning, supervised baseline, maps, retrieval) as methods.
+Every result is written into the run folder as JSON or PNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from medlatent.config import PretrainConfig, from_dict
+from medlatent.data.catalogue import MULTI_LABEL
+from medlatent.data.sources import load_dataset
+from medlatent.data.store import Dataset, ImageSet, to_float
+from medlatent.errors import CheckpointError, ConfigError, DataError
+from medlatent.eval.features import extract_features
+from medlatent.eval.finetune import FinetuneConfig, finetune
+from medlatent.eval.fractions import label_fraction
+from medlatent.eval.knn import knn_scores
+from medlatent.eval.linear import linear_probe
+from medlatent.eval.metrics import confusion, evaluate
+from medlatent.train import checkpoint
+from medlatent.train.precision import resolve_channels_last, resolve_device, resolve_precision
+from medlatent.train.runs import RunDir
+
+
+# ------------------------------------------------------------------------------ loading a run
+
+
+def load_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any], int]:
+    """The newest encoder of a run: (encoder in eval mode, data.json contents, its step).
+
+    Raises:
+        CheckpointError: the folder is not a run, or it has no checkpoint yet.
+    """
+    from medlatent.nets.backbones import build_encoder
+
+    run = RunDir(Path(run_dir))
+    cfg = run.read_config()
+    ckpt = checkpoint.latest(run.checkpoints, with_optimizer=False)
+    if ckpt is None:
+        raise CheckpointError(f"{run.path}: has no checkpoint yet (a run writes its first one at the end of "
+                              f"epoch 1); nothing to evaluate")
+    meta = run.read_json("data.json")
+    encoder = build_encoder(cfg.backbone.name, meta["channels"], meta["image_size"], meta["spatial_dims"],
+                            cfg.backbone.patch_size, cfg.backbone.depth)
+    weights = {k[len("encoder."):]: v for k, v in ckpt.model.items() if k.startswith("encoder.")}
+    missing, unexpected = encoder.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt.path}: encoder weights do not match {cfg.backbone.name} "
+                              f"(missing {len(missing)}, unexpected {len(unexpected)})")
+    return encoder.to(device).eval(), meta, ckpt.step
+
+
+def load_method(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any], int]:
+    """The whole method of a run (encoder, heads, decoders, teachers) from its newest checkpoint."""
+    from medlatent.nets.backbones import build_encoder
+    from medlatent.ssl.base import BuildContext
+    from medlatent.ssl.registry import get_method
+
+    run = RunDir(Path(run_dir))
+    cfg = run.read_config()
+    ckpt = checkpoint.latest(run.checkpoints, with_optimizer=False)
+    if ckpt is None:
+        raise CheckpointError(f"{run.path}: has no checkpoint yet; nothing to show")
+    meta = run.read_json("data.json")
+    spec = get_method(cfg.method)
+    options = from_dict(spec.options, cfg.method_options, "method_options")
+    encoder = build_encoder(cfg.backbone.name, meta["channels"], meta["image_size"], meta["spatial_dims"],
+                            cfg.backbone.patch_size, cfg.backbone.depth)
+    context = BuildContext(meta["n_images"], cfg.train.batch_size, meta["image_size"], meta["channels"],
+                           meta["spatial_dims"])
+    method = spec.build(encoder, options, context)
+    method.load_state_dict(ckpt.model)
+    return method.to(device).eval(), meta, ckpt.step
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and standard deviation over seeds of each (protocol, split, fraction)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["protocol"], r["split"], r["fraction"]), []).append(r)
+    out = []
+    for (protocol, split, fraction), rs in groups.items():
+        entry: dict[str, Any] = dict(protocol=protocol, split=split, fraction=fraction, n_seeds=len(rs),
+                                     n_labels=rs[0].get("n_labels"))
+        for m in ("acc", "auc", "balanced_acc"):
+            v = np.array([r[m] for r in rs], dtype=float)
+            entry[m], entry[f"{m}_std"] = float(v.mean()), float(v.std())
+        out.append(entry)
+    return out
+
+
+# ------------------------------------------------------------------------------ the session
+
+
+class RunEvaluation:
+    """A run's encoder and labelled data, with features computed once per split.
+
+    Args:
+        run_dir: a run folder with at least one checkpoint.
+        data: labelled data to evaluate on (default: the pretraining data).
+        data_dir: data folder override.
+        device: auto, cpu, cuda ...
+        need_labels: raise unless the data have labels.
+    """
+
+    def __init__(self, run_dir: str | Path, data: str | None = None, data_dir: str | None = None,
+                 device: str = "auto", need_labels: bool = True) -> None:
+        self.run = RunDir(Path(run_dir))
+        self.device = resolve_device(device)
+        self.encoder, self.meta, self.step = load_encoder(self.run.path, self.device)
+        self.cfg: PretrainConfig = self.run.read_config()
+        dcfg = dataclasses.replace(self.cfg.data, name=data or self.cfg.data.name,
+                                   data_dir=data_dir if data_dir is not None else self.cfg.data.data_dir)
+        self.data: Dataset = load_dataset(dcfg)
+        if self.encoder.in_channels != self.data.channels:
+            raise DataError(f"{self.run.path}: the encoder takes {self.encoder.in_channels}-channel images but "
+                            f"{self.data.source or self.data.name} has {self.data.channels}-channel images")
+        if need_labels and self.data.task is None:
+            raise DataError(f"{self.data.source or self.data.name}: has no labels; this needs labelled train "
+                            f"and val splits")
+        self.task = self.data.task
+        self.multi_label = self.task == MULTI_LABEL
+        self.autocast = resolve_precision(self.cfg.train.precision, self.device)
+        self.channels_last = resolve_channels_last(self.cfg.train.channels_last, self.encoder)
+        self._features: dict[str, torch.Tensor] = {}
+
+    @property
+    def mean(self) -> list[float]:
+        return self.meta["mean"]
+
+    @property
+    def std(self) -> list[float]:
+        return self.meta["std"]
+
+    def split(self, name: str) -> ImageSet:
+        return self.data.split(name)
+
+    def features(self, split: str) -> torch.Tensor:
+        """(N, D) frozen features of a split, computed once."""
+        if split not in self._features:
+            self._features[split] = extract_features(self.encoder, self.split(split).images, self.mean, self.std,
+                                                     self.device, self.autocast, channels_last=self.channels_last)
+        return self._features[split]
+
+    def target(self, split: str) -> torch.Tensor:
+        """Labels as the probes want them: (N,) class indices, or (N, L) for multi-label."""
+        y = self.split(split).labels
+        assert y is not None
+        return y if self.multi_label else y[:, 0]
+
+    # -------------------------------------------------------------------- protocols
+
+    def frozen_rows(self, fraction: float, seed: int, splits: tuple[str, ...], k: int = 20) -> list[dict]:
+        """k-NN and linear probe on a label subset of the frozen training features."""
+        idx = label_fraction(self.split("train").labels, fraction, seed, self.multi_label)
+        tx, ty = self.features("train")[idx], self.target("train")[idx]
+        n_out = self.data.n_classes
+        lin = linear_probe(tx, ty, self.features("val"), self.target("val"), self.task, n_out)
+        rows = []
+        for s in splits:
+            y_true = self.split(s).labels.numpy()
+            knn = knn_scores(tx, ty, self.features(s), n_out, self.multi_label, k=k).numpy()
+            common = dict(split=s, fraction=fraction, seed=seed, n_labels=len(idx))
+            rows.append(dict(protocol="knn", **common, **evaluate(y_true, knn, self.task)))
+            rows.append(dict(protocol="linear", weight_decay=lin.weight_decay, **common,
+                             **evaluate(y_true, lin.scores(self.features(s)).numpy(), self.task)))
+        return rows
+
+    def trained_rows(self, fraction: float, seed: int, splits: tuple[str, ...], cfg: FinetuneConfig,
+                     supervised: bool) -> list[dict]:
+        """Fine-tuning of the pretrained encoder, or (supervised=True) the same architecture
+        trained from scratch, on a label subset; evaluated at its best val epoch."""
+        from medlatent.eval.features import predict_scores
+        from medlatent.nets.backbones import build_encoder
+
+        train = self.split("train")
+        idx = label_fraction(train.labels, fraction, seed, self.multi_label)
+        if supervised:
+            torch.manual_seed(seed)
+            encoder = build_encoder(self.cfg.backbone.name, self.data.channels, self.meta["image_size"],
+                                    self.meta["spatial_dims"], self.cfg.backbone.patch_size, self.cfg.backbone.depth)
+        else:
+            encoder = self.encoder
+        model, _, steps = finetune(encoder, train.subset(idx), self.split("val"), self.task, self.data.n_classes,
+                                   self.mean, self.std, self.data.name, cfg, self.device, seed,
+                                   encoder_lr_scale=1.0 if supervised else None, autocast_dtype=self.autocast,
+                                   channels_last=self.channels_last)
+        rows = []
+        for s in splits:
+            scores = predict_scores(model, self.split(s).images, self.mean, self.std, self.device, self.multi_label,
+                                    self.autocast, self.channels_last)
+            rows.append(dict(protocol="supervised" if supervised else "finetune", split=s, fraction=fraction,
+                             seed=seed, n_labels=len(idx), steps=steps,
+                             **evaluate(self.split(s).labels.numpy(), scores, self.task)))
+        return rows
+
+    def probe(self, splits: tuple[str, ...] = ("val", "test"), fractions: tuple[float, ...] = (1.0,),
+              seeds: tuple[int, ...] = (0,), k: int = 20) -> dict[str, Any]:
+        """k-NN and linear probe; written to ``<run>/probe.json``."""
+        rows = [r for f in fractions for seed in (seeds if f < 1 else seeds[:1])
+                for r in self.frozen_rows(f, seed, splits, k)]
+        result = dict(run=str(self.run.path), data=self.data.name, task=self.task, encoder_step=self.step, k=k,
+                      rows=rows, summary=summarise(rows))
+        self.run.write_json("probe.json", result)
+        return result
+
+    def label_efficiency(self, fractions: tuple[float, ...] = (0.01, 0.1, 0.25, 1.0), seeds: tuple[int, ...] = (0, 1, 2),
+                         protocols: tuple[str, ...] = ("knn", "linear", "finetune", "supervised"),
+                         cfg: FinetuneConfig | None = None, splits: tuple[str, ...] = ("test",),
+                         progress: Any = None) -> dict[str, Any]:
+        """Every protocol at every label fraction and seed; mean and std over seeds. Written to
+        ``<run>/label_efficiency.json`` and plotted to ``<run>/label_efficiency.png``."""
+        from medlatent.report.figures import efficiency_figure
+
+        unknown = set(protocols) - {"knn", "linear", "finetune", "supervised"}
+        if unknown:
+            raise ConfigError(f"unknown protocol(s) {', '.join(sorted(unknown))} (known: knn, linear, finetune, supervised)")
+        cfg = cfg or FinetuneConfig()
+        rows = []
+        for fraction in fractions:
+            for seed in seeds:
+                if {"knn", "linear"} & set(protocols):
+                    rows += [r for r in self.frozen_rows(fraction, seed, splits) if r["protocol"] in protocols]
+                for supervised, name in ((False, "finetune"), (True, "supervised")):
+                    if name in protocols:
+                        rows += self.trained_rows(fraction, seed, splits, cfg, supervised)
+                if progress is not None:
+                    progress(fraction, seed)
+        summary = summarise(rows)
+        result = dict(run=str(self.run.path), data=self.data.name, task=self.task, encoder_step=self.step,
+                      fractions=list(fractions), seeds=list(seeds), finetune=dataclasses.asdict(cfg),
+                      rows=rows, summary=summary, crossover=crossover(summary))
+        self.run.write_json("label_efficiency.json", result)
+        efficiency_figure(summary, f"{self.data.name}: {self.cfg.method} encoder vs training from scratch",
+                          self.run.path / "label_efficiency.png")
+        return result
+
+    def embed(self, split: str = "test", out: str | Path | None = None) -> Path:
+        """The split's embeddings (and labels) as an .npz for the user's own analysis."""
+        path = Path(out) if out else self.run.path / f"embeddings-{split}.npz"
+        arrays: dict[str, np.ndarray] = dict(embeddings=self.features(split).numpy(), step=np.array(self.step))
+        labels = self.split(split).labels
+        if labels is not None:
+            arrays["labels"] = labels.numpy()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+        return path
+
+    def display(self, split: str, index: torch.Tensor | list[int]) -> list[np.ndarray]:
+        """Images of a split as (H, W[, 3]) arrays in [0, 1] for figures (3-D: middle slice)."""
+        x = to_float(self.split(split).images[torch.as_tensor(index)])
+        if x.dim() == 5:
+            x = x[:, :, x.shape[2] // 2]
+        return [(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy() for img in x]
+
+    def embedding_map(self, split: str = "test", max_points: int = 2000, n_thumbs: int = 12, seed: int = 0,
+                      out: str | Path | None = None) -> Path:
+        """2-D map of a split's embeddings coloured by label, with thumbnails; a PNG."""
+        from medlatent.eval.maps import embedding_2d, subsample
+        from medlatent.report.figures import embedding_map_figure
+
+        labels = self.split(split).labels
+        idx = subsample(labels, len(self.split(split)), max_points, seed)
+        coords, how = embedding_2d(self.features(split)[idx], seed)
+        y = None if labels is None or self.multi_label else labels[idx, 0].numpy()
+        pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:n_thumbs]
+        thumbs = list(zip(pick.tolist(), self.display(split, idx[pick])))
+        return embedding_map_figure(coords, y, list(self.data.class_names), thumbs,
+                                    f"{self.data.name} {split}: {how} of the {self.cfg.method} embedding "
+                                    f"(step {self.step})",
+                                    Path(out) if out else self.run.path / f"embedding_map_{split}.png")
+
+    def retrieval(self, split: str = "test", gallery: str = "train", k: int = 8, n_queries: int = 6,
+                  ks: tuple[int, ...] = (1, 5, 10), seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
+        """Nearest training images of a few test queries (a PNG) and precision@k over the whole split."""
+        from medlatent.eval.retrieval import nearest, precision_at_k
+        from medlatent.report.figures import retrieval_figure
+
+        q_labels, g_labels = self.split(split).labels, self.split(gallery).labels
+        nb, _ = nearest(self.features(split), self.features(gallery), max(max(ks), k))
+        precision = {f"precision@{kk}": precision_at_k(q_labels, g_labels, nb[:, :kk]) for kk in ks}
+        queries = torch.randperm(len(nb), generator=torch.Generator().manual_seed(seed))[:n_queries]
+        relevant = [[bool(precision_at_k(q_labels[i:i + 1], g_labels, nb[i:i + 1, j:j + 1]) > 0) for j in range(k)]
+                    for i in queries.tolist()]
+        path = retrieval_figure(self.display(split, queries), [self.display(gallery, nb[i, :k]) for i in queries],
+                                relevant, f"{self.data.name}: nearest {gallery} images of {split} queries "
+                                f"(green: same class)",
+                                Path(out) if out else self.run.path / "retrieval.png")
+        result = dict(split=split, gallery=gallery, figure=str(path), **precision)
+        self.run.write_json("retrieval.json", result)
+        return result
+
+    def confusion_matrix(self, split: str = "test", out: str | Path | None = None) -> Path | None:
+        """Row-normalised confusion matrix of the linear probe (all training labels) on a split."""
+        from medlatent.report.figures import confusion_figure
+
+        if self.multi_label:
+            return None
+        lin = linear_probe(self.features("train"), self.target("train"), self.features("val"), self.target("val"),
+                           self.task, self.data.n_classes)
+        matrix = confusion(self.split(split).labels.numpy(), lin.scores(self.features(split)).numpy(), self.task,
+                           self.data.n_classes)
+        return confusion_figure(matrix, list(self.data.class_names), f"{self.data.name} {split}: linear probe",
+                                Path(out) if out else self.run.path / f"confusion_{split}.png")
+
+
+def crossover(summary: list[dict]) -> dict[str, Any]:
+    """The smallest label fraction at which each self-supervised protocol beats the supervised
+    baseline on test ACC (None when it never does, or when there is no baseline)."""
+    base = {r["fraction"]: r["acc"] for r in summary if r["protocol"] == "supervised" and r["split"] == "test"}
+    out: dict[str, Any] = {}
+    for protocol in ("knn", "linear", "finetune"):
+        wins = sorted(r["fraction"] for r in summary if r["protocol"] == protocol and r["split"] == "test"
+                      and r["fraction"] in base and r["acc"] > base[r["fraction"]])
+        out[protocol] = dict(beats_scratch_at=wins, smallest=wins[0] if wins else None) if base else None
+    return out

@@ -1,0 +1,157 @@
+"""The run report: one self-contained HTML page (figures inlined as base64, no network).
+
+A small inline script marks, once the page has loaded, how many of its images decoded
+(``<body data-images="7/7">``); ``scripts/check_report.py`` reads that back from a headless
+Chromium to prove every figure loaded.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medlatent.config import to_dict
+from medlatent.eval.published import PUBLISHED
+from medlatent.eval.session import RunEvaluation
+from medlatent.report.figures import efficiency_figure, training_curves_figure
+from medlatent.train.runs import RunDir
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; font-size: 0.9em; margin: 0.5em 0; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; } th { background: #f3f3f3; }
+td.l, th.l { text-align: left; } img { max-width: 100%; border: 1px solid #eee; }
+pre { background: #f7f7f7; padding: 0.8em; font-size: 0.8em; overflow-x: auto; }
+.muted { color: #777; font-size: 0.85em; }
+"""
+CHECK = """<script>
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.body.setAttribute('data-images', ok + '/' + imgs.length);
+});
+</script>"""
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None or not Path(path).is_file():
+        return ""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<p><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"></p>'
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(v: Any, tag: str, i: int) -> str:
+        text = f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))
+        cls = ' class="l"' if i == 0 else ""
+        return f"<{tag}{cls}>{html.escape(text)}</{tag}>"
+
+    head = "".join(cell(h, "th", i) for i, h in enumerate(header))
+    body = "".join("<tr>" + "".join(cell(v, "td", i) for i, v in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _summary_table(summary: list[dict]) -> str:
+    rows = [[r["protocol"], r["split"], f"{r['fraction']:.0%}", r["n_seeds"],
+             f"{r['acc']:.3f}" + (f" ± {r['acc_std']:.3f}" if r["n_seeds"] > 1 else ""),
+             f"{r['auc']:.3f}" + (f" ± {r['auc_std']:.3f}" if r["n_seeds"] > 1 else ""), r["balanced_acc"]]
+            for r in sorted(summary, key=lambda r: (r["split"], r["fraction"], r["protocol"]))]
+    return _table(["protocol", "split", "labels", "seeds", "ACC", "AUC", "balanced ACC"], rows)
+
+
+def write_report(ev: RunEvaluation, out: Path | None = None) -> Path:
+    """Compute what a report needs and is cheap (probe, map, retrieval, confusion matrix) and
+    write ``<run>/report.html``."""
+    run = ev.run
+    cfg = ev.cfg
+    probe = ev.probe(splits=("val", "test"))
+    curves = training_curves_figure(run.read_metrics(), f"{cfg.method} on {cfg.data.name}",
+                                    run.path / "training_curves.png")
+    emb_map = ev.embedding_map("test")
+    retrieval = ev.retrieval()
+    conf = ev.confusion_matrix("test")
+    eff = run.path / "label_efficiency.json"
+    efficiency = json.loads(eff.read_text()) if eff.is_file() else None
+    if efficiency:
+        efficiency_figure(efficiency["summary"], f"{ev.data.name}: {cfg.method} encoder vs training from scratch",
+                          run.path / "label_efficiency.png")
+    env = run.read_json("env.json")
+    metrics = run.read_metrics()
+    last = next((m for m in reversed(metrics) if "loss" in m), {})
+    parts = [f"<h1>medlatent run: {html.escape(run.path.name)}</h1>",
+             f'<p class="muted">{html.escape(cfg.method)} · {html.escape(cfg.backbone.name)} · '
+             f'{html.escape(ev.data.name)} ({html.escape(str(ev.task))}) · encoder at step {ev.step} · '
+             f'{html.escape(str(env.get("cuda") or env.get("cpu")))} · torch {html.escape(env.get("torch", ""))} · '
+             f'{html.escape(env.get("autocast", ""))}</p>',
+             "<h2>Training</h2>",
+             _table(["steps", "final loss", "last img/s", "time (s)"],
+                    [[last.get("step"), last.get("loss"), last.get("images_per_s"), last.get("time_s")]]),
+             _img(curves, "training curves"),
+             "<h2>Frozen-encoder probes</h2>", _summary_table(probe["summary"]),
+             '<p class="muted">k-NN: weighted vote of the 20 most similar training images (cosine, T = 0.07). '
+             "Linear: logistic regression on frozen features, L2 penalty chosen on val. ACC and AUC as MedMNIST "
+             "computes them.</p>"]
+    if efficiency:
+        parts += ["<h2>Label efficiency</h2>", _img(run.path / "label_efficiency.png", "label efficiency"),
+                  _summary_table(efficiency["summary"]),
+                  f'<p class="muted">Smallest label fraction where each protocol beats training from scratch: '
+                  f'{html.escape(json.dumps({k: (v or {}).get("smallest") for k, v in efficiency["crossover"].items()}))}</p>']
+    parts += ["<h2>Embedding map</h2>", _img(emb_map, "embedding map"),
+              "<h2>Retrieval</h2>",
+              _table(["gallery", "queries"] + [k for k in retrieval if k.startswith("precision@")],
+                     [[retrieval["gallery"], retrieval["split"]] +
+                      [retrieval[k] for k in retrieval if k.startswith("precision@")]]),
+              _img(Path(retrieval["figure"]), "retrieval")]
+    if conf is not None:
+        parts += ["<h2>Confusion matrix</h2>", _img(conf, "confusion matrix")]
+    for name, title in (("attention.png", "Attention maps"), ("reconstruction.png", "Reconstructions")):
+        if (run.path / name).is_file():
+            parts += [f"<h2>{title}</h2>", _img(run.path / name, title)]
+    published = PUBLISHED.get(ev.data.name, [])
+    if published:
+        parts += ["<h2>Published results (test split, 28 px)</h2>",
+                  _table(["source", "protocol", "ACC", "AUC"],
+                         [[p["source"], p["protocol"], p["acc"], p["auc"]] for p in published])]
+    parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(yaml.safe_dump(to_dict(cfg), sort_keys=False))}</pre>",
+              "<h2>Environment</h2>", f"<pre>{html.escape(json.dumps(env, indent=1))}</pre>"]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>medlatent: {html.escape(run.path.name)}"
+            f"</title><style>{STYLE}</style></head><body>{''.join(parts)}{CHECK}</body></html>")
+    return _write(out or run.path / "report.html", page)
+
+
+def compare_runs(runs: list[Path], out: Path | None = None) -> tuple[str, Path | None]:
+    """Markdown table of several runs' settings and test results (from their probe.json)."""
+    header = ["run", "method", "backbone", "data", "steps", "k-NN ACC", "k-NN AUC", "linear ACC", "linear AUC"]
+    rows = []
+    for path in runs:
+        run = RunDir(path)
+        cfg = run.read_config()
+        probe = run.read_json("probe.json") if (path / "probe.json").is_file() else {"summary": [], "encoder_step": None}
+        test = {r["protocol"]: r for r in probe["summary"] if r["split"] == "test" and r["fraction"] == 1.0}
+        rows.append([path.name, cfg.method, cfg.backbone.name, cfg.data.name, probe["encoder_step"],
+                     *(test.get(p, {}).get(m) for p in ("knn", "linear") for m in ("acc", "auc"))])
+    md = "| " + " | ".join(header) + " |\n|" + " --- |" * len(header) + "\n"
+    md += "\n".join("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+                                      for v in r) + " |" for r in rows)
+    written = None
+    if out is not None:
+        page = (f"<!doctype html><html><head><meta charset='utf-8'><title>medlatent: compare</title>"
+                f"<style>{STYLE}</style></head><body><h1>Runs compared</h1>{_table(header, rows)}"
+                f'<p class="muted">Run "medlatent probe RUN" first for a run without results.</p>{CHECK}</body></html>')
+        written = _write(out, page)
+    return md, written
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
