@@ -30,8 +30,13 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("suite")
     cfg = PretrainConfig()
     cfg.data.name = str(write_stripes_npz(tmp / "s.npz", n_train=256, n_val=64, n_test=64))
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.precision = 2, 32, "fp32"
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.precision, cfg.train.map_every = 2, 32, "fp32", 1
     return api.pretrain(cfg, output=tmp / "run")
+
+
+def test_maps_are_drawn_during_pretraining(tiny_run: Path):
+    maps = sorted(p.name for p in (tiny_run / "maps").iterdir())
+    assert maps == ["epoch-0000.png", "epoch-0001.png", "epoch-0002.png"]  # before training, then each epoch
 
 
 def test_finetuning_from_scratch_beats_chance(tmp_path: Path):

@@ -4,7 +4,7 @@ These functions wire data -> views -> method -> loop -> evaluation; the CLI is a
 over them. Example::
 
     from medlatent import PretrainConfig, pretrain, probe
-    cfg = PretrainConfig()                      # SimCLR, half-width ResNet-18, BloodMNIST 28 px
+    cfg = PretrainConfig()                      # SimCLR, quarter-width ResNet-18, BloodMNIST 28 px
     cfg.train.epochs = 30
     run = pretrain(cfg, output="runs/blood-simclr")
     print(probe(run)["summary"])                # k-NN and linear probe ACC/AUC on val and test
@@ -23,7 +23,7 @@ import torch.nn as nn
 from medlatent import dist
 from medlatent.config import DataConfig, PretrainConfig, from_dict, to_dict
 from medlatent.data.sources import load_dataset
-from medlatent.data.store import channel_stats
+from medlatent.data.store import Dataset, channel_stats
 from medlatent.errors import ConfigError, DataError
 from medlatent.eval.finetune import FinetuneConfig
 from medlatent.eval.session import RunEvaluation, load_encoder, load_method
@@ -103,10 +103,29 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
             device=str(device), world_size=dist.world_size(),
             autocast=str(autocast).replace("torch.", "") if autocast else "fp32",
             channels_last=channels_last, resumed=resume)))
-    result = fit(method, images, recipe, cfg, run, device, autocast, channels_last, on_progress, should_stop)
+    on_epoch_end = None
+    if cfg.train.map_every and dist.is_main():
+        on_epoch_end = _map_during_training(method.encoder, data, cfg, mean, std, device, run)
+        if not run.has_checkpoint():
+            on_epoch_end(0, 0)  # the map before any training
+    result = fit(method, images, recipe, cfg, run, device, autocast, channels_last, on_progress, should_stop,
+                 on_epoch_end)
     if result.status == "finished" and dist.is_main():
         export_encoder(run, method.encoder, cfg)
     return run.path, result
+
+
+def _map_during_training(encoder: nn.Module, data: Dataset, cfg: PretrainConfig, mean: list[float],
+                         std: list[float], device: torch.device, run: RunDir) -> Callable[[int, int], None]:
+    """Embedding maps of the val split (or the training split when there is none) every
+    ``train.map_every`` epochs, into ``<run>/maps/``."""
+    from medlatent.eval.maps import map_callback
+
+    split = "val" if "val" in data.splits and cfg.data.split != "val" else cfg.data.split
+    images = data.split(split)
+    draw = map_callback(images.images, images.labels, list(data.class_names), mean, std, device,
+                        run.path / "maps", cfg.train.map_every, f"{data.name} {split}: {cfg.method}")
+    return lambda epoch, step: draw(encoder, epoch, step)
 
 
 def export_encoder(run: RunDir, encoder: nn.Module, cfg: PretrainConfig) -> None:

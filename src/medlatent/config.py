@@ -217,6 +217,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # Write a metrics line every this many steps.
     log_every: int = 10
+    # Draw a 2-D map of the val embeddings (t-SNE, or UMAP if installed; coloured by label)
+    # into <run>/maps/epoch-XXXX.png every this many epochs, and before the first, to watch the
+    # representation form (0: off). Costs a few seconds per map on a CPU.
+    map_every: int = 0
     # auto: CUDA if available, else CPU.
     device: str = "auto"
     # Stop after this many seconds of training (a wall-clock budget); 0 means no limit. The

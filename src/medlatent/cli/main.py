@@ -224,7 +224,7 @@ def embed(run: str, split: str, out: str | None, data_name: str | None, data_dir
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--fraction", "fractions", multiple=True, type=float, default=(0.01, 0.1, 0.25, 1.0), show_default=True,
               help="Fractions of the training labels (repeatable).")
-@click.option("--seeds", type=int, default=3, show_default=True, help="Label-subset draws per fraction.")
+@click.option("--seeds", type=int, default=3, show_default=True, help="Label-subset draws per fraction (one at 100 %%: the same labels).")
 @click.option("--protocol", "protocols", multiple=True, default=("knn", "linear", "finetune", "supervised"),
               show_default=True, help="knn, linear, finetune (the pretrained encoder) and supervised (from scratch).")
 @click.option("--epochs", type=int, default=None, help="Most fine-tuning epochs (default 30; early stopping on val).")

@@ -21,7 +21,7 @@ import torch.nn as nn
 from medlatent.config import PretrainConfig, from_dict
 from medlatent.data.catalogue import MULTI_LABEL
 from medlatent.data.sources import load_dataset
-from medlatent.data.store import Dataset, ImageSet, to_float
+from medlatent.data.store import Dataset, ImageSet
 from medlatent.errors import CheckpointError, ConfigError, DataError
 from medlatent.eval.features import extract_features
 from medlatent.eval.finetune import FinetuneConfig, finetune
@@ -230,7 +230,7 @@ class RunEvaluation:
         cfg = cfg or FinetuneConfig()
         rows = []
         for fraction in fractions:
-            for seed in seeds:
+            for seed in seeds if fraction < 1 else seeds[:1]:  # all labels: one subset, one run
                 if {"knn", "linear"} & set(protocols):
                     rows += [r for r in self.frozen_rows(fraction, seed, splits) if r["protocol"] in protocols]
                 for supervised, name in ((False, "finetune"), (True, "supervised")):
@@ -263,27 +263,19 @@ class RunEvaluation:
 
     def display(self, split: str, index: torch.Tensor | list[int]) -> list[np.ndarray]:
         """Images of a split as (H, W[, 3]) arrays in [0, 1] for figures (3-D: middle slice)."""
-        x = to_float(self.split(split).images[torch.as_tensor(index)])
-        if x.dim() == 5:
-            x = x[:, :, x.shape[2] // 2]
-        return [(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy() for img in x]
+        from medlatent.eval.maps import display_images
+
+        return display_images(self.split(split).images[torch.as_tensor(index)])
 
     def embedding_map(self, split: str = "test", max_points: int = 2000, n_thumbs: int = 12, seed: int = 0,
                       out: str | Path | None = None) -> Path:
         """2-D map of a split's embeddings coloured by label, with thumbnails; a PNG."""
-        from medlatent.eval.maps import embedding_2d, subsample
-        from medlatent.report.figures import embedding_map_figure
+        from medlatent.eval.maps import draw_map
 
-        labels = self.split(split).labels
-        idx = subsample(labels, len(self.split(split)), max_points, seed)
-        coords, how = embedding_2d(self.features(split)[idx], seed)
-        y = None if labels is None or self.multi_label else labels[idx, 0].numpy()
-        pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:n_thumbs]
-        thumbs = list(zip(pick.tolist(), self.display(split, idx[pick])))
-        return embedding_map_figure(coords, y, list(self.data.class_names), thumbs,
-                                    f"{self.data.name} {split}: {how} of the {self.cfg.method} embedding "
-                                    f"(step {self.step})",
-                                    Path(out) if out else self.run.path / f"embedding_map_{split}.png")
+        return draw_map(self.features(split), self.split(split).labels, list(self.data.class_names),
+                        self.split(split).images, f"{self.data.name} {split}: {self.cfg.method} embedding, "
+                        f"step {self.step}", Path(out) if out else self.run.path / f"embedding_map_{split}.png",
+                        max_points, n_thumbs, seed)
 
     def retrieval(self, split: str = "test", gallery: str = "train", k: int = 8, n_queries: int = 6,
                   ks: tuple[int, ...] = (1, 5, 10), seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:

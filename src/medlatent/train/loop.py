@@ -52,9 +52,12 @@ class Progress:
 def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: PretrainConfig, run: RunDir,
         device: torch.device, autocast_dtype: torch.dtype | None, channels_last: bool,
         on_progress: Callable[[Progress], None] | None = None,
-        should_stop: Callable[[], bool] | None = None) -> FitResult:
+        should_stop: Callable[[], bool] | None = None,
+        on_epoch_end: Callable[[int, int], None] | None = None) -> FitResult:
     """Train ``method`` on ``images`` (N, C, *S) for ``cfg.train.epochs``, resuming if ``run``
     holds a checkpoint.
+
+    ``on_epoch_end(epochs_done, step)`` runs on the main process after each epoch's checkpoint.
 
     Raises:
         TrainingDiverged: the loss became NaN/inf; the last good checkpoint is kept.
@@ -157,6 +160,8 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
         if save_now:
             save(done)
             last_ckpt = time.perf_counter()
+        if epoch_end and on_epoch_end is not None and dist.is_main():
+            on_epoch_end(done // steps_per_epoch, done)
         if over_budget or stop:
             status = "budget" if over_budget else "stopped"
             break
