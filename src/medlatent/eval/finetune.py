@@ -62,6 +62,16 @@ class Classifier(nn.Module):
         return self.head(self.encoder(x))
 
 
+def train_mode(model: nn.Module) -> nn.Module:
+    """Training mode, except batch-norm layers whose weights are frozen: a frozen encoder
+    (linear probe, adapters) keeps its pretrained running statistics."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None and not m.weight.requires_grad:
+            m.eval()
+    return model
+
+
 def layer_index(name: str, n_layers: int) -> int:
     """Depth of an encoder parameter for layer-wise decay: stem 0, stages/blocks 1..n, head n + 1."""
     if name.startswith("head."):
@@ -103,7 +113,7 @@ def finetune(encoder: nn.Module, train: ImageSet, val: ImageSet, task: str, n_ou
         (model at its best val ACC, its val metrics, optimiser steps taken).
     """
     torch.manual_seed(seed)
-    model = Classifier(copy.deepcopy(encoder), n_outputs).to(device).train()
+    model = train_mode(Classifier(copy.deepcopy(encoder), n_outputs).to(device))
     fmt = torch.channels_last if channels_last and train.images.dim() == 4 else torch.contiguous_format
     model.to(memory_format=fmt)
     scale = cfg.encoder_lr_scale if encoder_lr_scale is None else encoder_lr_scale
@@ -146,7 +156,7 @@ def finetune(encoder: nn.Module, train: ImageSet, val: ImageSet, task: str, n_ou
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 else:
                     bad_evals += 1
-                model.train()
+                train_mode(model)
                 if bad_evals >= cfg.patience:
                     total = step  # early stop
             if step >= total:

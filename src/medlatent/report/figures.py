@@ -202,3 +202,25 @@ def training_curves_figure(metrics: list[dict], title: str, out: Path) -> Path:
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     return _save(fig, out)
+
+
+def mil_figure(bags: list[tuple[list[np.ndarray], list[float], list[bool]]], title: str, out: Path) -> Path:
+    """One row per bag: its images, each titled with its attention weight; the instances that
+    make the bag positive are framed in green."""
+    plt = _plt()
+    n = max(len(images) for images, _, _ in bags)
+    fig, axes = plt.subplots(len(bags), n, figsize=(1.05 * n, 1.3 * len(bags)), squeeze=False)
+    for r, (images, weights, positive) in enumerate(bags):
+        top = max(weights)
+        for j, img in enumerate(images):
+            ax = axes[r, j]
+            ax.imshow(img, cmap="gray" if img.ndim == 2 else None)
+            ax.set_title(f"{weights[j]:.2f}", fontsize=7, fontweight="bold" if weights[j] == top else "normal")
+            for spine in ax.spines.values():
+                spine.set_edgecolor("tab:green" if positive[j] else "lightgray")
+                spine.set_linewidth(2.5 if positive[j] else 0.5)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, out)

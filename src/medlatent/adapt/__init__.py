@@ -1,0 +1,1 @@
+"""Adapting pretrained encoders with few trainable parameters (LoRA, adapters, prompts, MIL)."""

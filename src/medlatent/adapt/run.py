@@ -1,0 +1,175 @@
+"""One adaptation run: base encoder (a run's, or external ViT weights) + strategy + labelled
+data -> trained adapter file and its test metrics.
+
+Training is the evaluation suite's fine-tuning protocol (``eval/finetune.py``: AdamW, cosine
+schedule, light augmentation, early stopping on val); the strategy only decides which
+parameters train and what is added to the encoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from medlatent.adapt.files import load_adapter_into, read_adapter, save_adapter, weights_hash
+from medlatent.adapt.strategies import AdaptConfig, adapt, count_parameters
+from medlatent.config import DataConfig
+from medlatent.data.sources import load_dataset
+from medlatent.data.store import Dataset, channel_stats
+from medlatent.errors import DataError
+from medlatent.eval.features import predict_scores
+from medlatent.eval.finetune import Classifier, FinetuneConfig, finetune
+from medlatent.eval.fractions import label_fraction
+from medlatent.eval.metrics import evaluate
+from medlatent.train.precision import resolve_device
+
+WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+
+@dataclasses.dataclass
+class Base:
+    """A pretrained encoder with the data it is adapted to and the input standardisation."""
+
+    encoder: nn.Module
+    data: Dataset
+    mean: list[float]
+    std: list[float]
+    source: str
+    notes: str = ""
+
+
+def load_base(source: str | Path, data: str | None = None, data_dir: str | None = None,
+              num_heads: int | None = None, device: str = "auto") -> Base:
+    """A run folder (its encoder and statistics; data default: its pretraining data) or a
+    weights file (timm/DINO/MAE ViT; ``data`` required, statistics from its training split)."""
+    from medlatent.adapt.external import vit_from_weights
+    from medlatent.eval.session import RunEvaluation
+
+    source = Path(source)
+    if source.suffix in WEIGHT_SUFFIXES:
+        if data is None:
+            raise DataError(f"{source}: external weights need --data (what to adapt them to)")
+        dataset = load_dataset(DataConfig(name=data, data_dir=data_dir))
+        vit, report = vit_from_weights(source, dataset.channels, dataset.image_size, num_heads)
+        mean, std = channel_stats(dataset.split("train").images)
+        return Base(vit.to(resolve_device(device)), dataset, mean, std, str(source), report.summary())
+    ev = RunEvaluation(source, data, data_dir, device)
+    return Base(ev.encoder, ev.data, ev.mean, ev.std, str(source))
+
+
+def adapt_and_evaluate(base: Base, cfg: AdaptConfig, fraction: float = 1.0, seed: int = 0,
+                       ft: FinetuneConfig | None = None, out: str | Path | None = None,
+                       device: str = "auto") -> dict[str, Any]:
+    """Train ``cfg.strategy`` on a stratified ``fraction`` of the training labels; test ACC/AUC,
+    trainable parameters (count and % of the encoder), time and peak memory; the adapter is
+    written to ``out`` (.safetensors + .json) when given."""
+    ft = ft or FinetuneConfig()
+    dev = resolve_device(device)
+    data = base.data
+    if data.task is None:
+        raise DataError(f"{data.source or data.name}: has no labels; adapting needs labelled train and val splits")
+    multi_label = data.task.startswith("multi-label")
+    train = data.split("train")
+    idx = label_fraction(train.labels, fraction, seed, multi_label)
+    adapted = adapt(base.encoder.cpu(), cfg)
+    trainable, _ = count_parameters(adapted)
+    encoder_total = sum(p.numel() for p in base.encoder.parameters())
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    t0 = time.perf_counter()
+    model, val, steps = finetune(adapted, train.subset(idx), data.split("val"), data.task, data.n_classes, base.mean,
+                                 base.std, data.name, ft, dev, seed,
+                                 encoder_lr_scale=None if cfg.strategy == "finetune" else 1.0)
+    seconds = time.perf_counter() - t0
+    scores = predict_scores(model, data.split("test").images, base.mean, base.std, dev, multi_label)
+    test = evaluate(data.split("test").labels.numpy(), scores, data.task)
+    result: dict[str, Any] = dict(
+        strategy=cfg.strategy, data=data.name, fraction=fraction, seed=seed, n_labels=len(idx),
+        trainable_params=trainable, encoder_params=encoder_total, trainable_pct=100 * trainable / encoder_total,
+        head_params=sum(p.numel() for p in model.head.parameters()), steps=steps, train_s=seconds,
+        peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        peak_gpu_gib=torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
+        val=val, test=test, base=base.source, base_notes=base.notes, adapt=dataclasses.asdict(cfg))
+    if out is not None:
+        w, _ = save_adapter(out, model, cfg, weights_hash(base.encoder),
+                            dict(n_outputs=data.n_classes, task=data.task, data=data.name, mean=base.mean,
+                                 std=base.std, base=base.source, test=test))
+        result["adapter"] = str(w)
+        result["adapter_bytes"] = w.stat().st_size
+    return result
+
+
+def load_adapted(base: Base, adapter: str | Path) -> Classifier:
+    """The base encoder with an adapter file's strategy and weights (and its head) applied.
+
+    Raises:
+        CheckpointError: the adapter was trained on another base encoder, or does not match.
+    """
+    cfg, info, state = read_adapter(adapter)
+    model = Classifier(adapt(base.encoder.cpu(), cfg), info["n_outputs"])
+    return load_adapter_into(model, state, info, base.encoder, adapter).eval()
+
+
+def run_mil(base: Base, positive_class: int, bag_size: int = 16, n_bags: int = 400, prompts: int = 0,
+            steps: int = 300, figure: Path | None = None, seed: int = 0) -> dict[str, Any]:
+    """MIL on bags of the data's images (train bags from train, test bags from test): attention
+    MIL on frozen embeddings, or Prompt-MIL (``prompts`` > 0) through the frozen ViT."""
+    from medlatent.adapt.mil import AttentionMIL, PromptMIL, evaluate_mil, make_bags, train_mil
+    from medlatent.adapt.prompts import PromptedViT
+    from medlatent.augment import ops
+    from medlatent.data.store import to_float
+    from medlatent.eval.features import extract_features
+    from medlatent.eval.maps import display_images
+    from medlatent.report.figures import mil_figure
+
+    data = base.data
+    if data.task is None:
+        raise DataError(f"{data.source or data.name}: has no labels; bags are built from labelled images")
+    if not 0 <= positive_class < data.n_classes:
+        raise DataError(f"--positive-class {positive_class}: {data.name} has classes 0..{data.n_classes - 1}")
+    split_bags = {s: make_bags(data.split(s).labels, positive_class, n, bag_size, seed + i)
+                  for i, (s, n) in enumerate((("train", n_bags), ("test", max(2, n_bags // 2))))}
+    encoder = base.encoder.cpu().eval()
+    if prompts:
+        vit = adapt_frozen(encoder)
+        model: nn.Module = PromptMIL(PromptedViT(vit, prompts, deep=False))
+        m, s = torch.tensor(base.mean), torch.tensor(base.std)
+
+        def inputs(split: str) -> torch.Tensor:
+            idx = split_bags[split][0]
+            x = ops.normalize(to_float(data.split(split).images[idx.flatten()]), m, s)
+            return x.view(*idx.shape, *x.shape[1:])  # (bags, N, C, *S)
+    else:
+        model = AttentionMIL(encoder.out_dim)
+        feats = {sp: extract_features(encoder, data.split(sp).images, base.mean, base.std, torch.device("cpu"))
+                 for sp in split_bags}
+
+        def inputs(split: str) -> torch.Tensor:
+            return feats[split][split_bags[split][0]]  # (bags, N, D)
+    train_idx, train_y, _ = split_bags["train"]
+    train_mil(model, inputs("train"), train_y, steps, batch=8 if prompts else 16, seed=seed)
+    test_idx, test_y, test_pos = split_bags["test"]
+    x_test = inputs("test")
+    result: dict[str, Any] = dict(method=f"Prompt-MIL ({prompts} prompts)" if prompts else "attention MIL",
+                                  data=data.name, positive_class=positive_class, bag_size=bag_size, n_bags=n_bags,
+                                  **evaluate_mil(model, x_test, test_y, test_pos))
+    if figure is not None:
+        with torch.no_grad():
+            shown = [i for i in range(len(test_y)) if test_y[i]][:3]
+            _, att = model(x_test[shown])
+        rows = [(display_images(data.split("test").images[test_idx[i]]), att[j].tolist(), test_pos[i].tolist())
+                for j, i in enumerate(shown)]
+        result["figure"] = str(mil_figure(rows, f"{data.name}: attention MIL weights on positive test bags "
+                                          f"(class {positive_class} images outlined)", figure))
+    return result
+
+
+def adapt_frozen(encoder: nn.Module) -> nn.Module:
+    """A frozen copy of an encoder (for prompt tuning inside MIL)."""
+    return adapt(encoder, AdaptConfig(strategy="linear"))
