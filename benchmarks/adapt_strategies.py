@@ -1,0 +1,79 @@
+"""Every adaptation strategy on BloodMNIST and PneumoniaMNIST at 10 % and 100 % of the labels,
+from one self-supervised ViT recipe (a run per data set), each in its own process (so peak
+memory is its own); then a table like AdaptFormer's (trainable parameters, ACC/AUC, time).
+
+    python benchmarks/adapt_strategies.py --run bloodmnist=RUN --run pneumoniamnist=RUN --epochs 5
+    python benchmarks/adapt_strategies.py --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+STRATEGIES = ["linear", "finetune", "bias", "lora", "adapter", "adaptformer", "prompt"]
+
+
+def one(args: argparse.Namespace) -> None:
+    from medlatent.adapt.run import adapt_and_evaluate, load_base
+    from medlatent.adapt.strategies import AdaptConfig
+    from medlatent.eval.finetune import FinetuneConfig
+
+    base = load_base(args.one_run, device="cpu")
+    ft = FinetuneConfig(epochs=args.epochs, min_steps=args.min_steps)
+    r = adapt_and_evaluate(base, AdaptConfig(strategy=args.one_strategy), args.one_fraction, 0, ft, device="cpu")
+    Path(args.one_out).write_text(json.dumps(r, indent=2))
+
+
+def table(out: Path) -> str:
+    rows = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
+    lines = ["| strategy | trainable params | % of encoder | data | labels | test ACC | test AUC | train time | peak RSS |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    order = {s: i for i, s in enumerate(STRATEGIES)}
+    for r in sorted(rows, key=lambda r: (r["data"], -r["fraction"], order[r["strategy"]])):
+        lines.append(f"| {r['strategy']} | {r['trainable_params']:,} | {r['trainable_pct']:.2f} % | {r['data']} | "
+                     f"{r['fraction']:.0%} | {r['test']['acc']:.3f} | {r['test']['auc']:.3f} | {r['train_s']:.0f} s | "
+                     f"{r['peak_rss_gib']:.2f} GiB |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", action="append", default=[], help="DATA=RUN_DIR (repeatable)")
+    ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 1.0])
+    ap.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--min-steps", type=int, default=200)
+    ap.add_argument("--out-dir", default="benchmarks/out/adapt")
+    ap.add_argument("--table-only", action="store_true")
+    for name in ("run", "strategy", "fraction", "out"):  # internal: one combination in this process
+        ap.add_argument(f"--one-{name}", type=float if name == "fraction" else str, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one_run:
+        return one(args)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        for spec in args.run:
+            data, run = spec.split("=", 1)
+            for fraction in args.fractions:
+                for strategy in args.strategies:
+                    f = out / f"{data}_{fraction:g}_{strategy}.json"
+                    if f.exists():
+                        continue  # resumable
+                    cmd = [sys.executable, __file__, "--one-run", run, "--one-strategy", strategy, "--one-fraction",
+                           str(fraction), "--one-out", str(f), "--epochs", str(args.epochs),
+                           "--min-steps", str(args.min_steps)]
+                    res = subprocess.run(cmd, capture_output=True, text=True)
+                    print(f"{data} {fraction:g} {strategy}: " + ("ok" if res.returncode == 0 else res.stderr[-1500:]),
+                          flush=True)
+    print(f"fine-tuning protocol: AdamW, at most {args.epochs} epochs and at least {args.min_steps} steps, "
+          f"early stopping on val; ACC/AUC on test")
+    print(table(out))
+
+
+if __name__ == "__main__":
+    main()
