@@ -1,0 +1,1 @@
+"""Generative models: diffusion (DDPM/DDIM, latent), with class guidance, and sample metrics."""

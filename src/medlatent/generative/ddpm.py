@@ -1,0 +1,90 @@
+"""DDPM: a UNet that predicts the noise added to an image, optionally class-conditional with
+label dropout for classifier-free guidance.
+
+Ho et al. 2020, Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2
+with x_t from Eq. 4. Ho and Salimans 2022 (classifier-free guidance): during training the class
+is replaced by a "null" class with probability p_uncond, so one network learns both the
+conditional and the unconditional model. The denoiser is MONAI's ``DiffusionModelUNet``
+(2-D or 3-D; its ``num_class_embeds`` gives the class embedding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.nets import DiffusionModelUNet
+
+from medlatent.generative.samplers import sample
+from medlatent.generative.schedule import NoiseSchedule, ScheduleConfig
+from medlatent.ssl.base import StepOutput
+
+
+@dataclass
+class DDPMConfig:
+    """Denoiser size and training choices, sized for 28-64 px images on a small machine."""
+
+    # UNet widths per resolution level (28 -> 14 -> 7 px) and attention at the coarse levels.
+    channels: tuple[int, ...] = (64, 128, 128)
+    attention_levels: tuple[bool, ...] = (False, True, True)
+    num_res_blocks: int = 1
+    num_head_channels: int = 32
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # Probability of training a sample as "no class" (classifier-free guidance; 0.1 in the paper).
+    p_uncond: float = 0.1
+
+
+class DDPM(nn.Module):
+    """Noise-prediction diffusion model. Images enter and leave in [-1, 1].
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels: image channels.
+        n_classes: classes for conditioning (0: unconditional). Index n_classes is the null class.
+    """
+
+    def __init__(self, spatial_dims: int, channels: int, n_classes: int, cfg: DDPMConfig) -> None:
+        super().__init__()
+        self.n_classes = n_classes
+        self.p_uncond = cfg.p_uncond
+        self.unet = DiffusionModelUNet(spatial_dims, channels, channels, num_res_blocks=cfg.num_res_blocks,
+                                       channels=cfg.channels, attention_levels=cfg.attention_levels,
+                                       num_head_channels=cfg.num_head_channels,
+                                       norm_num_groups=min(32, cfg.channels[0]),
+                                       num_class_embeds=n_classes + 1 if n_classes else None,
+                                       use_flash_attention=True)
+        self.schedule = NoiseSchedule(cfg.schedule)
+
+    @property
+    def null_label(self) -> int | None:
+        return self.n_classes if self.n_classes else None
+
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """eps_theta(x_t, t, c): (B, C, *S), (B,), (B,) or None -> (B, C, *S)."""
+        return self.unet(x_t, t, class_labels=labels if self.n_classes else None)
+
+    def forward(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> StepOutput:
+        """Algorithm 1 on a batch x0 (B, C, *S) in [-1, 1] with labels (B,)."""
+        b = x0.shape[0]
+        t = torch.randint(0, self.schedule.steps, (b,), device=x0.device)  # t ~ U{0..T-1}
+        noise = torch.randn_like(x0)  # eps ~ N(0, I)
+        x_t = self.schedule.add_noise(x0, noise, t)  # Eq. 4
+        if self.n_classes:
+            if labels is None:
+                raise ValueError("a class-conditional DDPM needs labels")
+            drop = torch.rand(b, device=x0.device) < self.p_uncond
+            labels = torch.where(drop, torch.full_like(labels, self.n_classes), labels)  # label dropout
+        loss = F.mse_loss(self.denoise(x_t, t, labels).float(), noise.float())
+        return StepOutput(loss)
+
+    @torch.no_grad()
+    def generate(self, n: int, shape: tuple[int, ...], labels: torch.Tensor | None = None, steps: int = 50,
+                 sampler: str = "ddim", eta: float = 0.0, guidance: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """n samples of (C, *S) in [-1, 1]."""
+        device = next(self.parameters()).device
+        return sample(self.denoise, self.schedule, (n, *shape), steps, sampler, eta,
+                      labels.to(device) if labels is not None else None, self.null_label, guidance, generator,
+                      device).clamp(-1, 1)

@@ -1,0 +1,107 @@
+"""Reverse-process steps (DDPM, DDIM) and the sampling loop, with classifier-free guidance.
+
+* DDPM (Ho et al. 2020, Eq. 11 with sigma_t^2 = beta_t):
+  x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps) + sigma_t z.
+* DDIM (Song, Meng and Ermon, ICLR 2021, Eq. 12): with x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t),
+  x_{t'} = sqrt(ab_t') x0_hat + sqrt(1 - ab_t' - sigma^2) eps + sigma z,
+  sigma = eta sqrt((1 - ab_t') / (1 - ab_t)) sqrt(1 - ab_t / ab_t') (Eq. 16); eta = 0 is deterministic.
+* Classifier-free guidance (Ho and Salimans 2022): eps = eps(x, null) + w (eps(x, c) - eps(x, null)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from medlatent.generative.schedule import NoiseSchedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x_t, t, labels) -> eps
+
+
+@dataclass
+class StepResult:
+    """One reverse step: the next (less noisy) sample and the model's estimate of x_0."""
+
+    prev: torch.Tensor
+    x0: torch.Tensor
+
+
+def predict_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x0_hat = (x_t - sqrt(1 - ab_t) eps) / sqrt(ab_t)  (invert Eq. 4)."""
+    ab = schedule.alpha_bar(t, x_t.dim())
+    return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
+def ddpm_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, eps: torch.Tensor,
+              generator: torch.Generator | None) -> StepResult:
+    """x_t -> x_{t-1} (ancestral sampling, sigma_t^2 = beta_t; no noise at t = 0)."""
+    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    beta, ab = schedule.betas[t], schedule.alphas_bar[t]
+    mean = (x_t - beta / (1 - ab).sqrt() * eps) / (1 - beta).sqrt()  # Eq. 11
+    if t > 0:
+        z = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        mean = mean + beta.sqrt() * z
+    return StepResult(mean, predict_x0(schedule, x_t, tt, eps))
+
+
+def ddim_step(schedule: NoiseSchedule, x_t: torch.Tensor, t: int, t_prev: int, eps: torch.Tensor, eta: float,
+              generator: torch.Generator | None) -> StepResult:
+    """x_t -> x_{t_prev} (t_prev < t; -1 means the clean image)."""
+    tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+    ab = schedule.alphas_bar[t]
+    ab_prev = schedule.alphas_bar[t_prev] if t_prev >= 0 else torch.ones_like(ab)
+    x0 = predict_x0(schedule, x_t, tt, eps)
+    sigma = eta * ((1 - ab_prev) / (1 - ab)).sqrt() * (1 - ab / ab_prev).sqrt()  # Eq. 16
+    prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps  # Eq. 12
+    if eta > 0 and t_prev >= 0:
+        prev = prev + sigma * torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+    return StepResult(prev, x0)
+
+
+def guided_eps(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+               null_label: int | None, guidance: float) -> torch.Tensor:
+    """eps with classifier-free guidance (one batched call for the conditional and null halves)."""
+    if labels is None or null_label is None or guidance == 1.0:
+        return denoiser(x, t, labels)
+    null = torch.full_like(labels, null_label)
+    eps_c, eps_u = denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], steps: int | None = None,
+           sampler: str = "ddim", eta: float = 0.0, labels: torch.Tensor | None = None, null_label: int | None = None,
+           guidance: float = 1.0, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+           clip: float | None = 1.0) -> torch.Tensor:
+    """Draw samples x_0 of ``shape`` (B, C, *S) starting from pure noise x_T ~ N(0, I).
+
+    Args:
+        steps: reverse steps; DDPM always uses all T, DDIM an evenly spaced subset (default 50).
+        labels: (B,) class indices for a class-conditional denoiser.
+        null_label: the "no class" index the denoiser was trained with (label dropout).
+        guidance: w; 1 is plain conditional sampling, > 1 trades diversity for class fidelity.
+        clip: clamp x0_hat to [-clip, clip] at each step (data live in [-1, 1]); None: no clamp.
+    """
+    x = torch.randn(shape, generator=generator, device=device)  # x_T
+    if sampler == "ddpm":
+        times = list(range(schedule.steps - 1, -1, -1))
+    elif sampler == "ddim":
+        n = steps or 50
+        times = torch.linspace(schedule.steps - 1, 0, n).round().long().unique_consecutive().tolist()
+    else:
+        raise ValueError(f"unknown sampler {sampler!r} (ddpm, ddim)")
+    for i, t in enumerate(times):
+        tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
+        eps = guided_eps(denoiser, x, tt, labels, null_label, guidance)
+        if clip is not None:  # re-derive eps from the clamped x0 so both samplers stay consistent
+            x0 = predict_x0(schedule, x, tt, eps).clamp(-clip, clip)
+            ab = schedule.alpha_bar(tt, x.dim())
+            eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+        if sampler == "ddpm":
+            x = ddpm_step(schedule, x, t, eps, generator).prev
+        else:
+            t_prev = times[i + 1] if i + 1 < len(times) else -1
+            x = ddim_step(schedule, x, t, t_prev, eps, eta, generator).prev
+    return x

@@ -1,0 +1,153 @@
+"""Diffusion schedule, samplers, guidance, DDPM training steps, and the sample metrics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from medlatent.generative.ddpm import DDPM, DDPMConfig
+from medlatent.generative.metrics import frechet_distance, memorisation, precision_recall
+from medlatent.generative.samplers import ddim_step, ddpm_step, guided_eps, sample
+from medlatent.generative.schedule import NoiseSchedule, ScheduleConfig
+
+
+def test_alpha_bar_matches_closed_forms_and_monai():
+    from monai.networks.schedulers import DDPMScheduler
+
+    lin = NoiseSchedule(ScheduleConfig("linear", 1000, 1e-4, 0.02))
+    for t in (0, 10, 499, 999):
+        naive = 1.0
+        for s in range(t + 1):
+            naive *= 1 - (1e-4 + s * (0.02 - 1e-4) / 999)
+        assert lin.alphas_bar[t].item() == pytest.approx(naive, rel=1e-5)
+    cos = NoiseSchedule(ScheduleConfig("cosine", 1000))
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 100, 500, 900):  # before the 0.999 clip bites, alpha_bar_t = f(t + 1) / f(0)
+        assert cos.alphas_bar[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-5)
+    for kind, monai_name in (("linear", "linear_beta"), ("scaled_linear", "scaled_linear_beta")):
+        ours = NoiseSchedule(ScheduleConfig(kind, 1000, 1e-4, 0.02)).alphas_bar
+        theirs = DDPMScheduler(1000, monai_name, beta_start=1e-4, beta_end=0.02).alphas_cumprod
+        assert torch.allclose(ours, theirs.float(), rtol=1e-5, atol=1e-7)
+
+
+def test_add_noise_is_equation_4():
+    s = NoiseSchedule(ScheduleConfig("linear", 100))
+    x0, eps = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([0, 50, 99])
+    x_t = s.add_noise(x0, eps, t)
+    for i in range(3):
+        ab = s.alphas_bar[t[i]]
+        assert torch.allclose(x_t[i], ab.sqrt() * x0[i] + (1 - ab).sqrt() * eps[i], atol=1e-6)
+
+
+def test_ddpm_step_against_fixed_numbers():
+    s = NoiseSchedule(ScheduleConfig("linear", 10, 0.1, 0.2))  # betas 0.1, 0.111.., ..., 0.2
+    x, eps = torch.full((1, 1, 1, 1), 0.5), torch.full((1, 1, 1, 1), 0.2)
+    beta, ab = 0.2, float(np.prod([1 - b for b in np.linspace(0.1, 0.2, 10)]))
+    out = ddpm_step(s, x, 0, eps, None)  # t = 0: the mean only
+    s2 = NoiseSchedule(ScheduleConfig("linear", 10, 0.1, 0.2))
+    assert out.prev.item() == pytest.approx((0.5 - 0.1 / math.sqrt(1 - 0.9) * 0.2) / math.sqrt(0.9), rel=1e-5)
+    last = ddpm_step(s2, x, 9, eps, torch.Generator().manual_seed(0))
+    z = torch.randn((1, 1, 1, 1), generator=torch.Generator().manual_seed(0)).item()
+    expected = (0.5 - beta / math.sqrt(1 - ab) * 0.2) / math.sqrt(1 - beta) + math.sqrt(beta) * z
+    assert last.prev.item() == pytest.approx(expected, rel=1e-5)
+
+
+def oracle(schedule: NoiseSchedule, x0: torch.Tensor):  # noqa: ANN201
+    """A perfect denoiser for a single known image: eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)."""
+    def eps(x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        ab = schedule.alpha_bar(t, x_t.dim())
+        return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+    return eps
+
+
+def test_ddim_is_deterministic_and_recovers_the_oracle_image():
+    s = NoiseSchedule(ScheduleConfig("cosine", 200))
+    x0 = torch.rand(2, 1, 6, 6) * 1.6 - 0.8
+    a = sample(oracle(s, x0), s, (2, 1, 6, 6), steps=20, sampler="ddim", eta=0.0,
+               generator=torch.Generator().manual_seed(3))
+    b = sample(oracle(s, x0), s, (2, 1, 6, 6), steps=20, sampler="ddim", eta=0.0,
+               generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)  # same seed, same samples
+    assert torch.allclose(a, x0, atol=1e-4)  # a perfect eps leads DDIM to the image exactly
+    c = sample(oracle(s, x0), s, (2, 1, 6, 6), sampler="ddpm", generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(c, x0, atol=1e-3)
+    # one DDIM step with eta = 0 adds no noise: the generator is not used
+    x_t = torch.randn(2, 1, 6, 6)
+    eps = torch.randn(2, 1, 6, 6)
+    s1 = ddim_step(s, x_t, 100, 50, eps, 0.0, torch.Generator().manual_seed(0)).prev
+    s2 = ddim_step(s, x_t, 100, 50, eps, 0.0, torch.Generator().manual_seed(1)).prev
+    assert torch.equal(s1, s2)
+
+
+def test_classifier_free_guidance_combines_the_two_predictions():
+    def den(x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return x * 0 + labels.float().view(-1, 1, 1, 1)  # eps = the label value
+    x, t, y = torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long), torch.tensor([1, 2])
+    out = guided_eps(den, x, t, y, null_label=5, guidance=3.0)
+    expected = 5 + 3.0 * (y.float() - 5)  # eps_u + w (eps_c - eps_u)
+    assert torch.allclose(out[:, 0, 0, 0], expected)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_ddpm_trains_two_steps_and_samples(dims: int):
+    torch.manual_seed(0)
+    cfg = DDPMConfig(channels=(16, 32), attention_levels=(False, True), num_head_channels=16,
+                     schedule=ScheduleConfig("cosine", 50))
+    model = DDPM(dims, 1, n_classes=3, cfg=cfg)
+    size = (8,) * dims
+    x = torch.rand(4, 1, *size) * 2 - 1
+    y = torch.tensor([0, 1, 2, 0])
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        loss = model(x, y).loss
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    g = torch.Generator().manual_seed(0)
+    out = model.eval().generate(2, (1, *size), torch.tensor([1, 2]), steps=3, guidance=2.0, generator=g)
+    assert out.shape == (2, 1, *size) and out.abs().max() <= 1
+
+
+def naive_frechet(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy import linalg
+
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def test_frechet_distance_is_zero_on_itself_and_grows_with_a_shift():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(500, 8, generator=g)
+    assert abs(frechet_distance(real, real)) < 1e-6
+    fds = [frechet_distance(real, real + shift) for shift in (0.1, 0.5, 1.0)]
+    assert fds[0] < fds[1] < fds[2]
+    assert fds[2] == pytest.approx(8.0, rel=1e-3)  # a mean shift of 1 in each of 8 dimensions
+    other = torch.randn(400, 8, generator=g) * 1.5
+    assert frechet_distance(real, other) == pytest.approx(naive_frechet(real.numpy(), other.numpy()), rel=1e-4)
+
+
+def test_precision_recall_and_memorisation():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(300, 4, generator=g)
+    assert precision_recall(real, real) == {"precision": 1.0, "recall": 1.0}
+    far = precision_recall(real, real + 100)
+    assert far["precision"] == 0.0 and far["recall"] == 0.0
+    collapsed = precision_recall(real, real[:5].repeat(60, 1) + 1e-3)  # mode collapse: precise, no recall
+    assert collapsed["precision"] == 1.0 and collapsed["recall"] < 0.2
+
+    train, test = torch.randn(400, 6, generator=g), torch.randn(100, 6, generator=g)
+    copies = train[:10] + 1e-4
+    fresh = torch.randn(50, 6, generator=g)
+    m = memorisation(train, torch.cat([copies, fresh]), test)
+    assert torch.equal(m["nearest"][:10], torch.arange(10))
+    assert (m["ratio"][:10] < 0.01).all() and 0.5 < m["ratio"][10:].median() < 2
+    assert m["share_below"] == pytest.approx(10 / 60, abs=0.05)
