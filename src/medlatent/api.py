@@ -86,9 +86,16 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     if spec.needs_vit and not isinstance(encoder, ViTEncoder):
         raise ConfigError(f"method {cfg.method} works on patch tokens and needs a ViT backbone "
                           f"(--backbone vit-tiny or vit-small), not {cfg.backbone.name}")
-    context = BuildContext(len(images), cfg.train.batch_size, data.image_size, data.channels, data.spatial_dims)
+    labels = None
+    if spec.uses_labels and data.task is not None and not data.task.startswith("multi-label"):
+        labels = data.split(cfg.data.split).labels[:, 0]  # (N,) class indices
+    context = BuildContext(len(images), cfg.train.batch_size, data.image_size, data.channels, data.spatial_dims,
+                           data.n_classes if labels is not None else 0)
     method = spec.build(encoder, options, context)
-    mean, std = channel_stats(images)
+    if spec.pixel_range == "symmetric":  # (x - 0.5) / 0.5: images in [-1, 1]
+        mean, std = [0.5] * data.channels, [0.5] * data.channels
+    else:
+        mean, std = channel_stats(images)
     recipe = ViewRecipe(spec.views(resolve(cfg.views, data.name), cfg.data.size, options), mean, std)
     autocast = resolve_precision(cfg.train.precision, device)
     channels_last = resolve_channels_last(cfg.train.channels_last, encoder)
@@ -98,7 +105,8 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
         run.write_json("data.json", dict(
             name=data.name, source=data.source, task=data.task, class_names=list(data.class_names),
             channels=data.channels, spatial_dims=data.spatial_dims, image_size=data.image_size,
-            split=cfg.data.split, n_images=len(images), mean=mean, std=std))
+            split=cfg.data.split, n_images=len(images), mean=mean, std=std,
+            condition_classes=context.n_classes))
         run.write_json("env.json", environment(dict(
             device=str(device), world_size=dist.world_size(),
             autocast=str(autocast).replace("torch.", "") if autocast else "fp32",
@@ -109,8 +117,8 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
         if not run.has_checkpoint():
             on_epoch_end(0, 0)  # the map before any training
     result = fit(method, images, recipe, cfg, run, device, autocast, channels_last, on_progress, should_stop,
-                 on_epoch_end)
-    if result.status == "finished" and dist.is_main():
+                 on_epoch_end, labels)
+    if result.status == "finished" and dist.is_main() and spec.exports_encoder:
         export_encoder(run, method.encoder, cfg)
     return run.path, result
 

@@ -79,7 +79,7 @@ def load_method(run_dir: str | Path, device: str | torch.device = "cpu") -> tupl
     encoder = build_encoder(cfg.backbone.name, meta["channels"], meta["image_size"], meta["spatial_dims"],
                             cfg.backbone.patch_size, cfg.backbone.depth)
     context = BuildContext(meta["n_images"], cfg.train.batch_size, meta["image_size"], meta["channels"],
-                           meta["spatial_dims"])
+                           meta["spatial_dims"], meta.get("condition_classes", 0))
     method = spec.build(encoder, options, context)
     method.load_state_dict(ckpt.model)
     return method.to(device).eval(), meta, ckpt.step

@@ -17,9 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 
+from medlatent.errors import ConfigError
+from medlatent.generative.common import whole_image_views
 from medlatent.generative.samplers import sample
 from medlatent.generative.schedule import NoiseSchedule, ScheduleConfig
-from medlatent.ssl.base import StepOutput
+from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
+from medlatent.ssl.mechanics import ema_update, make_teacher
 
 
 @dataclass
@@ -34,6 +37,11 @@ class DDPMConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # Probability of training a sample as "no class" (classifier-free guidance; 0.1 in the paper).
     p_uncond: float = 0.1
+    # Condition on the class labels (needs labelled single-label data).
+    conditional: bool = False
+    # EMA of the weights, used for sampling (0.9999 in Ho et al. for long runs; 0.999 suits the
+    # few thousand steps of a small machine), with warm-up min(ema, (1 + step) / (10 + step)).
+    ema: float = 0.999
 
 
 class DDPM(nn.Module):
@@ -47,6 +55,9 @@ class DDPM(nn.Module):
 
     def __init__(self, spatial_dims: int, channels: int, n_classes: int, cfg: DDPMConfig) -> None:
         super().__init__()
+        if len(cfg.channels) != len(cfg.attention_levels):
+            raise ConfigError(f"ddpm: channels {list(cfg.channels)} and attention_levels {list(cfg.attention_levels)} "
+                              f"need one entry per resolution level each")
         self.n_classes = n_classes
         self.p_uncond = cfg.p_uncond
         self.unet = DiffusionModelUNet(spatial_dims, channels, channels, num_res_blocks=cfg.num_res_blocks,
@@ -56,17 +67,27 @@ class DDPM(nn.Module):
                                        num_class_embeds=n_classes + 1 if n_classes else None,
                                        use_flash_attention=True)
         self.schedule = NoiseSchedule(cfg.schedule)
+        self.ema_unet = make_teacher(self.unet)
+        self.ema = cfg.ema
+
+    @property
+    def encoder(self) -> nn.Module:
+        """What ``train.compile`` compiles (the denoiser); a generative run exports no encoder."""
+        return self.unet
 
     @property
     def null_label(self) -> int | None:
         return self.n_classes if self.n_classes else None
 
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def denoise(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                ema: bool = False) -> torch.Tensor:
         """eps_theta(x_t, t, c): (B, C, *S), (B,), (B,) or None -> (B, C, *S)."""
-        return self.unet(x_t, t, class_labels=labels if self.n_classes else None)
+        unet = self.ema_unet if ema else self.unet
+        return unet(x_t, t, class_labels=labels if self.n_classes else None)
 
-    def forward(self, x0: torch.Tensor, labels: torch.Tensor | None = None) -> StepOutput:
-        """Algorithm 1 on a batch x0 (B, C, *S) in [-1, 1] with labels (B,)."""
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
+        """Algorithm 1 on a batch x0 = views[0] (B, C, *S) in [-1, 1] with labels (B,)."""
+        x0 = views[0]
         b = x0.shape[0]
         t = torch.randint(0, self.schedule.steps, (b,), device=x0.device)  # t ~ U{0..T-1}
         noise = torch.randn_like(x0)  # eps ~ N(0, I)
@@ -79,12 +100,32 @@ class DDPM(nn.Module):
         loss = F.mse_loss(self.denoise(x_t, t, labels).float(), noise.float())
         return StepOutput(loss)
 
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        ema_update(self.ema_unet, self.unet, min(self.ema, (1 + step) / (10 + step)))
+
     @torch.no_grad()
     def generate(self, n: int, shape: tuple[int, ...], labels: torch.Tensor | None = None, steps: int = 50,
                  sampler: str = "ddim", eta: float = 0.0, guidance: float = 1.0,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """n samples of (C, *S) in [-1, 1]."""
+                 generator: torch.Generator | None = None, clip: float | None = 1.0) -> torch.Tensor:
+        """n samples of ``shape`` (C, *S), in [-1, 1] (``clip`` None: unbounded, for latents)."""
         device = next(self.parameters()).device
-        return sample(self.denoise, self.schedule, (n, *shape), steps, sampler, eta,
-                      labels.to(device) if labels is not None else None, self.null_label, guidance, generator,
-                      device).clamp(-1, 1)
+
+        def eps(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+            return self.denoise(x, t, c, ema=True)
+
+        x = sample(eps, self.schedule, (n, *shape), steps, sampler, eta,
+                   labels.to(device) if labels is not None else None, self.null_label, guidance, generator,
+                   device, clip)
+        return x.clamp(-clip, clip) if clip is not None else x
+
+
+def _build(encoder: nn.Module, o: DDPMConfig, context: BuildContext) -> DDPM:
+    if o.conditional and not context.n_classes:
+        raise ConfigError("method_options.conditional: class-conditional generation needs labelled "
+                          "single-label data (these data have no usable class labels)")
+    return DDPM(context.spatial_dims, context.channels, context.n_classes if o.conditional else 0, o)
+
+
+SPEC = MethodSpec("ddpm", DDPMConfig, _build, whole_image_views,
+                  "DDPM (Ho et al. 2020): noise prediction, DDPM/DDIM sampling, classifier-free guidance",
+                  uses_labels=True, pixel_range="symmetric", exports_encoder=False)

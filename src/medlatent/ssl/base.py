@@ -42,6 +42,7 @@ class BuildContext:
         image_size: side of the stored images in pixels.
         channels: image channels.
         spatial_dims: 2 or 3.
+        n_classes: classes of the labels, for class-conditional generative models (0: none).
     """
 
     n_images: int
@@ -49,6 +50,7 @@ class BuildContext:
     image_size: int
     channels: int
     spatial_dims: int
+    n_classes: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,10 @@ class MethodSpec:
         views: (base view config, image size, options) -> [(view config, size), ...].
         summary: one line for ``--help`` and the README.
         needs_vit: the method works on patch tokens (MAE, I-JEPA) and needs a ViT encoder.
+        uses_labels: forward takes (views, labels (B,)) - class-conditional generative models.
+        pixel_range: "standardised" (per-channel mean/std) or "symmetric" ([-1, 1], what
+            generative models produce and are trained on).
+        exports_encoder: the run's result is an encoder (written as encoder.safetensors).
     """
 
     name: str
@@ -70,3 +76,6 @@ class MethodSpec:
     views: Callable[[ViewConfig, int, Any], list[tuple[ViewConfig, int]]]
     summary: str
     needs_vit: bool = False
+    uses_labels: bool = False
+    pixel_range: str = "standardised"
+    exports_encoder: bool = True

@@ -20,10 +20,19 @@ METHODS: dict[str, str] = {
     "autoencoder": "medlatent.ssl.autoencoder",
     "denoising-autoencoder": "medlatent.ssl.autoencoder:DENOISING_SPEC",
 }
+# Generative models train through the same loop (``medlatent generate train --model NAME``).
+GENERATIVE: dict[str, str] = {
+    "vae": "medlatent.generative.vae",
+    "gan": "medlatent.generative.gan",
+    "ddpm": "medlatent.generative.ddpm",
+    "ldm": "medlatent.generative.ldm",
+}
 
 
 def get_method(name: str) -> MethodSpec:
-    if name not in METHODS:
-        raise ConfigError(f"method: unknown method '{name}' (known: {', '.join(METHODS)})")
-    module, _, attr = METHODS[name].partition(":")
+    known = {**METHODS, **GENERATIVE}
+    if name not in known:
+        raise ConfigError(f"method: unknown method '{name}' (known: {', '.join(METHODS)}; generative: "
+                          f"{', '.join(GENERATIVE)})")
+    module, _, attr = known[name].partition(":")
     return getattr(importlib.import_module(module), attr or "SPEC")

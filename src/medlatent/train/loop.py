@@ -53,11 +53,13 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
         device: torch.device, autocast_dtype: torch.dtype | None, channels_last: bool,
         on_progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
-        on_epoch_end: Callable[[int, int], None] | None = None) -> FitResult:
+        on_epoch_end: Callable[[int, int], None] | None = None,
+        labels: torch.Tensor | None = None) -> FitResult:
     """Train ``method`` on ``images`` (N, C, *S) for ``cfg.train.epochs``, resuming if ``run``
     holds a checkpoint.
 
-    ``on_epoch_end(epochs_done, step)`` runs on the main process after each epoch's checkpoint.
+    ``labels`` (N,), when given, are passed with the views: ``method(views, labels[index])``
+    (class-conditional generative models). ``on_epoch_end(epochs_done, step)`` runs on the main process after each epoch's checkpoint.
 
     Raises:
         TrainingDiverged: the loss became NaN/inf; the last good checkpoint is kept.
@@ -100,6 +102,8 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
     if t.compile:
         method.encoder.compile()
     images = images.to(device)
+    if labels is not None:
+        labels = labels.to(device)
 
     def save(step: int) -> None:
         if dist.is_main():
@@ -132,7 +136,7 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            out = model(views)
+            out = model(views) if labels is None else model(views, labels[index])
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         if cfg.optim.clip_grad_norm:
