@@ -212,3 +212,45 @@ def test_vae_elbo_matches_the_formula_and_interpolates():
     path = vae.interpolate(x[:1], x[1:], steps=5)
     assert path.shape == (5, 1, 8, 8)
     assert torch.allclose(path[0], vae.decode(vae.encode(x[:1])[0]).clamp(-1, 1)[0], atol=1e-6)  # starts at a
+
+
+TINY_DDPM = ["--set", "method_options.channels=[16,32]", "--set", "method_options.attention_levels=[false,true]",
+             "--set", "method_options.num_head_channels=16", "--set", "method_options.schedule.steps=20"]
+
+
+def test_generate_commands_end_to_end(capsys, tmp_path, monkeypatch):
+    from conftest import write_stripes_npz
+    from test_cli import one_error_line, run_cli
+
+    monkeypatch.setenv("MEDLATENT_CACHE", str(tmp_path / "cache"))
+    data = str(write_stripes_npz(tmp_path / "s.npz", n_train=96, n_val=32, n_test=32))
+    run = tmp_path / "ddpm"
+    code, out, err = run_cli(capsys, "generate", "train", "--model", "ddpm", "--data", data, "--conditional",
+                             "--epochs", "1", "--batch-size", "32", "--precision", "fp32", "--output", str(run), *TINY_DDPM)
+    assert code == 0 and "generate sample" in out, err
+    assert not (run / "encoder.safetensors").exists()  # a generator exports no encoder
+    code, out, err = run_cli(capsys, "generate", "sample", str(run), "--n", "6", "--steps", "3", "--class", "1",
+                             "--guidance", "2")
+    assert code == 0, err
+    from medlatent.data.medmnist import load_npz
+
+    samples = load_npz(run / "samples-ddpm-class1-g2.npz").split("train")
+    assert samples.images.shape == (6, 1, 28, 28) and samples.images.dtype == torch.uint8
+    assert (samples.labels[:, 0] == 1).all() and (run / "samples-ddpm-class1-g2.png").is_file()
+    code, _, err = run_cli(capsys, "generate", "sample", str(run), "--class", "7")
+    assert code == 1 and "classes 0..1" in one_error_line(err)
+
+    code, out, err = run_cli(capsys, "generate", "evaluate", str(run), "--n", "40", "--steps", "2",
+                             "--classifier-epochs", "1", "--classifier-min-steps", "5")
+    assert code == 0 and "TSTR" in out and "Frechet" in out, err
+    for name in ("generation_eval.json", "memorisation.png"):
+        assert (run / name).is_file()
+
+    code, _, err = run_cli(capsys, "generate", "train", "--model", "flow", "--data", data)
+    assert code == 1 and "unknown generative model" in one_error_line(err)
+    vae = tmp_path / "vae"
+    code, out, err = run_cli(capsys, "generate", "train", "--model", "vae", "--data", data, "--epochs", "1",
+                             "--batch-size", "32", "--output", str(vae), "--set", "method_options.width=8")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "generate", "sample", str(vae), "--n", "4", "--class", "0")
+    assert code == 1 and "unconditional" in one_error_line(err)

@@ -86,9 +86,10 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     if spec.needs_vit and not isinstance(encoder, ViTEncoder):
         raise ConfigError(f"method {cfg.method} works on patch tokens and needs a ViT backbone "
                           f"(--backbone vit-tiny or vit-small), not {cfg.backbone.name}")
-    labels = None
-    if spec.uses_labels and data.task is not None and not data.task.startswith("multi-label"):
-        labels = data.split(cfg.data.split).labels[:, 0]  # (N,) class indices
+    labels = None  # class labels (N,) for class-conditional generative models only
+    if spec.uses_labels and getattr(options, "conditional", False) and data.task is not None \
+            and not data.task.startswith("multi-label"):
+        labels = data.split(cfg.data.split).labels[:, 0]
     context = BuildContext(len(images), cfg.train.batch_size, data.image_size, data.channels, data.spatial_dims,
                            data.n_classes if labels is not None else 0)
     method = spec.build(encoder, options, context)

@@ -186,6 +186,9 @@ class OptimConfig:
     # Weight decay (not applied to biases and normalisation weights).
     weight_decay: float = 1e-4
     momentum: float = 0.9
+    # AdamW betas; GANs use a smaller beta1 (0.5, Radford et al. 2016) for less lag between
+    # the two networks.
+    betas: tuple[float, float] = (0.9, 0.999)
     # Linear warm-up, then cosine decay to final_lr_fraction * lr (SimCLR, Chen et al. 2020).
     warmup_epochs: float = 2.0
     final_lr_fraction: float = 0.01

@@ -174,7 +174,152 @@ def _run_pretraining(cfg: Any, output: str | None, resume: bool) -> None:
         sys.exit(130)
     if result.status == "budget":
         click.echo(f"time budget reached; continue with: medlatent pretrain --resume {run}")
-    click.echo(f"next: medlatent probe {run}")
+    from medlatent.ssl.registry import GENERATIVE
+
+    if cfg is not None and cfg.method in GENERATIVE:
+        click.echo(f"next: medlatent generate sample {run}")
+    else:
+        click.echo(f"next: medlatent probe {run}")
+
+
+# ------------------------------------------------------------------------------ generative
+
+# Per-model training defaults (flags and --set override them): learning rate for batch 256,
+# no weight decay, gradient clipping for the likelihood models; the GAN's Adam beta1 = 0.5.
+GENERATIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "vae": {"optim": {"lr": 2e-3, "weight_decay": 0.0, "warmup_epochs": 1.0, "clip_grad_norm": 100.0}},
+    "gan": {"optim": {"lr": 4e-4, "weight_decay": 0.0, "warmup_epochs": 0.0, "clip_grad_norm": None,
+                      "betas": [0.5, 0.999], "final_lr_fraction": 1.0}},
+    "ddpm": {"optim": {"lr": 4e-4, "weight_decay": 0.0, "warmup_epochs": 1.0, "clip_grad_norm": 1.0}},
+    "ldm": {"optim": {"lr": 4e-4, "weight_decay": 0.0, "warmup_epochs": 1.0, "clip_grad_norm": 1.0}},
+}
+
+
+@cli.group()
+def generate() -> None:
+    """Generative models (vae, gan, ddpm, ldm): train, sample, evaluate, augment."""
+
+
+@generate.command("train")
+@click.option("--model", default=None, help="vae, gan, ddpm or ldm. [default: ddpm]")
+@click.option("--data", "data_name", default=None, help="MedMNIST subset, .npz file or image folder. [default: bloodmnist]")
+@click.option("--conditional", is_flag=True, default=None, help="Condition on the class labels (guidance for ddpm/ldm).")
+@click.option("--epochs", type=int, default=None, help="Epochs over the training split. [default: 30]")
+@click.option("--batch-size", type=int, default=None, help="[default: 128]")
+@click.option("--lr", type=float, default=None, help="Peak learning rate for batch 256.")
+@click.option("--size", type=int, default=None, help="Image side in pixels. [default: 28]")
+@click.option("--seed", type=int, default=None)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None)
+@click.option("--device", default=None)
+@click.option("--time-budget", type=float, default=None, help="Stop (with a checkpoint) after this many seconds.")
+@click.option("--data-dir", default=None)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="e.g. method_options.schedule.kind=linear")
+@click.option("--output", default=None, help="Run folder. [default: runs/<data>-<model>-<time>]")
+@click.option("--resume", default=None, metavar="RUN", help="Continue this run from its last checkpoint.")
+def generate_train(model: str | None, data_name: str | None, conditional: bool | None, epochs: int | None,
+                   batch_size: int | None, lr: float | None, size: int | None, seed: int | None,
+                   precision: str | None, device: str | None, time_budget: float | None, data_dir: str | None,
+                   sets: tuple[str, ...], output: str | None, resume: str | None) -> None:
+    """Train a generative model (checkpoints, exact resume and time budgets as for pretraining)."""
+    from medlatent.config import PretrainConfig, from_dict
+    from medlatent.errors import ConfigError
+    from medlatent.ssl.registry import GENERATIVE
+
+    if resume:
+        if model or data_name or sets or epochs:
+            raise ConfigError("--resume uses the run's own config; drop the other options")
+        _run_pretraining(None, resume, True)
+        return
+    name = model or "ddpm"
+    if name not in GENERATIVE:
+        raise ConfigError(f"--model: unknown generative model '{name}' (known: {', '.join(GENERATIVE)})")
+    import copy
+
+    tree: dict[str, Any] = copy.deepcopy(GENERATIVE_DEFAULTS[name])
+    tree["method"] = name
+    tree.setdefault("train", {})["batch_size"] = 128
+    flags = {"data.name": data_name, "train.epochs": epochs, "train.batch_size": batch_size, "optim.lr": lr,
+             "data.size": size, "train.seed": seed, "train.precision": precision, "train.device": device,
+             "train.time_budget_s": time_budget, "data.data_dir": data_dir,
+             "method_options.conditional": conditional}
+    for key, value in flags.items():
+        if value is not None:
+            section, sub = key.split(".")
+            tree.setdefault(section, {})[sub] = value
+    for s in sets:
+        _apply_set(tree, s)
+    _run_pretraining(from_dict(PretrainConfig, tree, "config"), output, False)
+
+
+@generate.command("sample")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--n", type=int, default=1000, show_default=True)
+@click.option("--class", "class_index", type=int, default=None, help="Only this class (conditional models).")
+@click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance scale (ddpm, ldm).")
+@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps (ddpm, ldm).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", default=None, help="Output .npz (default: <run>/samples-<model>[...].npz).")
+@click.option("--device", default="auto", show_default=True)
+def generate_sample(run: str, n: int, class_index: int | None, guidance: float, steps: int, seed: int,
+                    out: str | None, device: str) -> None:
+    """Write samples as an .npz in MedMNIST layout (usable as --data anywhere) and a PNG grid."""
+    from medlatent.generative.evaluate import sample_run
+
+    r = sample_run(run, n, class_index, guidance, steps, seed, out, device)
+    click.echo(f"{r['n']} samples from step {r['step']} at {r['samples_per_s']:.1f} samples/s")
+    click.echo(f"written: {r['samples']}, {r['grid']}")
+
+
+@generate.command("evaluate")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--n", type=int, default=1000, show_default=True, help="Samples to judge.")
+@click.option("--guidance", type=float, default=1.0, show_default=True)
+@click.option("--steps", type=int, default=50, show_default=True)
+@click.option("--classifier-epochs", type=int, default=15, show_default=True,
+              help="Epochs of the domain classifier and of the TSTR/TRTR classifiers.")
+@click.option("--classifier-min-steps", type=int, default=300, show_default=True)
+@click.option("--data-dir", default=None)
+@click.option("--device", default="auto", show_default=True)
+def generate_evaluate(run: str, n: int, guidance: float, steps: int, classifier_epochs: int, classifier_min_steps: int,
+                      data_dir: str | None, device: str) -> None:
+    """Frechet distance and precision/recall in a domain encoder's features, TSTR vs TRTR,
+    memorisation check with the closest pairs, per-class grid."""
+    from medlatent.generative.evaluate import evaluate_run
+
+    r = evaluate_run(run, n, guidance, steps, 0, classifier_epochs, data_dir, device, classifier_min_steps)
+    click.echo(f"features: {r['domain_encoder']}")
+    click.echo(f"Frechet distance {r['frechet_distance']:.3f} (real train vs test: {r['frechet_distance_train_vs_test']:.3f}); "
+               f"precision {r['precision']:.3f}, recall {r['recall']:.3f}; {r['samples_per_s']:.1f} samples/s")
+    click.echo(f"memorisation: {r['memorisation']['share_below_half']:.1%} of samples closer than half the "
+               f"median test-to-train distance (median ratio {r['memorisation']['median_ratio']:.2f})")
+    if "tstr" in r:
+        click.echo(f"TSTR ACC {r['tstr']['acc']:.4f} vs TRTR {r['trtr_same_n']['acc']:.4f} on "
+                   f"{r['trtr_same_n_images']} real images ({r['tstr_over_trtr']:.2f} x); TRTR on all "
+                   f"{r['trtr_full']['acc']:.4f}")
+    click.echo(f"written: {Path(run) / 'generation_eval.json'}, {r['memorisation_figure']}, {r['grid']}")
+
+
+@generate.command("augment")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--fraction", "fractions", multiple=True, type=float, default=(0.01, 0.1), show_default=True)
+@click.option("--n-synthetic", type=int, default=2000, show_default=True)
+@click.option("--seeds", type=int, default=3, show_default=True)
+@click.option("--guidance", type=float, default=1.0, show_default=True)
+@click.option("--classifier-epochs", type=int, default=15, show_default=True)
+@click.option("--classifier-min-steps", type=int, default=300, show_default=True)
+@click.option("--data-dir", default=None)
+@click.option("--device", default="auto", show_default=True)
+def generate_augment(run: str, fractions: tuple[float, ...], n_synthetic: int, seeds: int, guidance: float,
+                     classifier_epochs: int, classifier_min_steps: int, data_dir: str | None, device: str) -> None:
+    """A classifier on a label fraction alone vs with class-conditional samples added."""
+    from medlatent.generative.evaluate import augment_experiment
+
+    r = augment_experiment(run, fractions, n_synthetic, tuple(range(seeds)), guidance, 50, classifier_epochs,
+                           data_dir, device, classifier_min_steps)
+    for row in r["summary"]:
+        click.echo(f"{row['fraction']:>6.0%} {row['training']:17} test ACC {row['acc']:.4f} ± {row['acc_std']:.4f}  "
+                   f"AUC {row['auc']:.4f} ± {row['auc_std']:.4f}")
+    click.echo(f"written: {Path(run) / 'synthetic_augmentation.json'}")
 
 
 # ---------------------------------------------------------------------------- evaluation

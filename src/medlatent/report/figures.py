@@ -224,3 +224,46 @@ def mil_figure(bags: list[tuple[list[np.ndarray], list[float], list[bool]]], tit
         ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
     return _save(fig, out)
+
+
+def sample_grid_figure(rows: list[list[np.ndarray]], row_names: list[str], title: str, out: Path) -> Path:
+    """One row per class (or one row of unconditional samples): generated images side by side."""
+    plt = _plt()
+    n = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(0.9 * n, 0.95 * len(rows) + 0.4), squeeze=False)
+    for r, images in enumerate(rows):
+        for j in range(n):
+            ax = axes[r, j]
+            if j < len(images):
+                ax.imshow(images[j], cmap="gray" if images[j].ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_frame_on(False)
+        axes[r, 0].set_ylabel(row_names[r][:18], rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, out)
+
+
+def memorisation_figure(pairs: list[tuple[np.ndarray, np.ndarray, float]], sample_ratios: np.ndarray,
+                        test_ratios: np.ndarray, title: str, out: Path) -> Path:
+    """Left: histograms of nearest-training distance / test median for samples and for real test
+    images. Right: the closest sample / training-image pairs side by side."""
+    plt = _plt()
+    fig = plt.figure(figsize=(3.2 + 1.1 * len(pairs), 3.0))
+    grid = fig.add_gridspec(2, 1 + len(pairs), width_ratios=[3] + [1] * len(pairs))
+    ax = fig.add_subplot(grid[:, 0])
+    bins = np.linspace(0, max(2.5, float(np.percentile(np.concatenate([sample_ratios, test_ratios]), 99))), 40)
+    ax.hist(test_ratios, bins, alpha=0.6, density=True, label="real test")
+    ax.hist(sample_ratios, bins, alpha=0.6, density=True, label="samples")
+    ax.axvline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("nearest-training distance / test median", fontsize=8)
+    ax.legend(fontsize=7)
+    for j, (sample, train, ratio) in enumerate(pairs):
+        for r, (img, name) in enumerate(((sample, f"sample {ratio:.2f}"), (train, "nearest train"))):
+            a = fig.add_subplot(grid[r, 1 + j])
+            a.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+            a.set_title(name, fontsize=6)
+            a.set_xticks([])
+            a.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, out)

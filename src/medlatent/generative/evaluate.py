@@ -1,0 +1,289 @@
+"""Sampling a generative run to files, and judging the samples.
+
+Features come from a *domain encoder*: a ResNet-18/4 classifier trained on the real training
+split with labels (cached per data set), whose penultimate features replace Inception's. The
+same classifier's protocol gives train-on-real-test-on-real (TRTR) and, trained on samples
+instead, train-on-synthetic-test-on-real (TSTR).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from medlatent.data.store import Dataset, ImageSet, to_float
+from medlatent.errors import ConfigError
+from medlatent.eval.features import extract_features, predict_scores
+from medlatent.eval.finetune import Classifier, FinetuneConfig, finetune
+from medlatent.eval.fractions import label_fraction
+from medlatent.eval.metrics import evaluate
+from medlatent.generative.metrics import frechet_distance, memorisation, precision_recall
+
+DOMAIN_BACKBONE = "resnet18-quarter"
+
+
+@torch.no_grad()
+def sample_images(method: nn.Module, n: int, shape: tuple[int, ...], n_classes: int, class_index: int | None = None,
+                  guidance: float = 1.0, steps: int = 50, seed: int = 0, batch: int = 250,
+                  device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """n samples as uint8 (N, C, *S), their class labels (N, 1) (class-balanced, or all
+    ``class_index``; None when unconditional), and samples per second."""
+    if class_index is not None and not n_classes:
+        raise ConfigError("--class: this model is unconditional (train it with --conditional)")
+    if class_index is not None and not 0 <= class_index < n_classes:
+        raise ConfigError(f"--class {class_index}: the model knows classes 0..{n_classes - 1}")
+    g = torch.Generator(device=device or "cpu").manual_seed(seed)
+    labels = None
+    if n_classes:
+        labels = torch.full((n,), class_index) if class_index is not None else torch.arange(n) % n_classes
+    out, t0 = [], time.perf_counter()
+    for start in range(0, n, batch):
+        y = labels[start:start + batch] if labels is not None else None
+        k = min(batch, n - start)
+        x = method.generate(k, shape, y, steps=steps, guidance=guidance, generator=g)  # [-1, 1]
+        out.append(((x.float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    rate = n / max(time.perf_counter() - t0, 1e-9)
+    return torch.cat(out), None if labels is None else labels[:, None], rate
+
+
+def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor | None) -> Path:
+    """MedMNIST layout (``train_images`` (N, H, W[, 3]) uint8, ``train_labels`` (N, 1)), so the
+    samples feed ``--data`` of every other command; written atomically."""
+    x = images.numpy()
+    x = x[:, 0] if x.shape[1] == 1 else np.moveaxis(x, 1, -1)
+    arrays = {"train_images": x}
+    if labels is not None:
+        arrays["train_labels"] = labels.numpy().astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MEDLATENT_CACHE", Path.home() / ".cache" / "medlatent")) / "domain"
+
+
+def train_classifier(train: ImageSet, data: Dataset, mean: list[float], std: list[float], device: torch.device,
+                     epochs: int, seed: int = 0, min_steps: int = 300) -> Classifier:
+    """ResNet-18/4 from scratch on ``train`` with early stopping on the real val split."""
+    from medlatent.nets.backbones import build_encoder
+
+    torch.manual_seed(seed)
+    encoder = build_encoder(DOMAIN_BACKBONE, data.channels, data.image_size, data.spatial_dims)
+    model, _, _ = finetune(encoder, train, data.split("val"), data.task, data.n_classes, mean, std, data.name,
+                           FinetuneConfig(epochs=epochs, min_steps=min_steps), device, seed, encoder_lr_scale=1.0)
+    return model
+
+
+def domain_classifier(data: Dataset, mean: list[float], std: list[float], device: torch.device,
+                      epochs: int = 15, min_steps: int = 300) -> tuple[Classifier, str]:
+    """The supervised classifier on the real training split, trained once per data set and cached
+    (``$MEDLATENT_CACHE/domain``, default ``~/.cache/medlatent/domain``)."""
+    from safetensors.torch import load_file, save_file
+
+    name = f"{data.name}-{DOMAIN_BACKBONE}-{data.image_size}px-e{epochs}-s{min_steps}"
+    path = _cache_dir() / f"{name}.safetensors"
+    if path.is_file():
+        from medlatent.nets.backbones import build_encoder
+
+        model = Classifier(build_encoder(DOMAIN_BACKBONE, data.channels, data.image_size, data.spatial_dims),
+                           data.n_classes)
+        model.load_state_dict(load_file(str(path)))
+        return model.to(device).eval(), name
+    model = train_classifier(data.split("train"), data, mean, std, device, epochs, 0, min_steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+    return model, name
+
+
+def _accuracy(model: Classifier, data: Dataset, mean: list[float], std: list[float], device: torch.device) -> dict:
+    test = data.split("test")
+    return evaluate(test.labels.numpy(), predict_scores(model, test.images, mean, std, device, False), data.task)
+
+
+def judge(samples: ImageSet, data: Dataset, device: torch.device, classifier_epochs: int = 15,
+          seed: int = 0, min_steps: int = 300) -> dict[str, Any]:
+    """Frechet distance, precision/recall, memorisation, and (labelled samples) TSTR vs TRTR.
+
+    Real references: the test split for the distribution metrics (never trained on by the
+    generator), the training split for memorisation.
+    """
+    mean, std = [0.5] * data.channels, [0.5] * data.channels
+    clf, clf_name = domain_classifier(data, mean, std, device, classifier_epochs, min_steps)
+    feats = {k: extract_features(clf.encoder, imgs, mean, std, device)
+             for k, imgs in (("samples", samples.images), ("train", data.split("train").images),
+                             ("test", data.split("test").images))}
+    mem = memorisation(feats["train"], feats["samples"], feats["test"])
+    test_ratio = memorisation(feats["train"], feats["test"], feats["test"])["ratio"]
+    result: dict[str, Any] = dict(
+        domain_encoder=f"{clf_name} (supervised on the real train split; penultimate features)",
+        n_samples=len(samples), frechet_distance=frechet_distance(feats["test"], feats["samples"]),
+        frechet_distance_train_vs_test=frechet_distance(feats["test"], feats["train"]),
+        **precision_recall(feats["test"], feats["samples"]),
+        memorisation=dict(share_below_half=mem["share_below"], median_ratio=float(mem["ratio"].median())),
+        trtr_full=_accuracy(clf, data, mean, std, device))
+    if samples.labels is not None:
+        # TSTR: trained and early-stopped on samples only (90 / 10), tested on real test images.
+        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+        cut = max(1, len(samples) // 10)
+        synth_data = Dataset(data.name, data.task, data.class_names,
+                             {"train": samples.subset(order[cut:]), "val": samples.subset(order[:cut]),
+                              "test": data.split("test")}, data.source)
+        tstr = train_classifier(synth_data.split("train"), synth_data, mean, std, device, classifier_epochs, seed,
+                                min_steps)
+        idx = label_fraction(data.split("train").labels, min(1.0, len(samples) / len(data.split("train"))), seed)
+        trtr = train_classifier(data.split("train").subset(idx), data, mean, std, device, classifier_epochs, seed,
+                                min_steps)
+        result.update(tstr=_accuracy(tstr, data, mean, std, device), trtr_same_n=_accuracy(trtr, data, mean, std, device),
+                      trtr_same_n_images=len(idx))
+        result["tstr_over_trtr"] = result["tstr"]["acc"] / result["trtr_same_n"]["acc"]
+    result["_memorisation"] = (mem, test_ratio)  # for the figure; not written to JSON
+    return result
+
+
+# ------------------------------------------------------------------------------ a run's samples
+
+
+def load_generator(run_dir: str | Path, device: str = "auto") -> tuple[nn.Module, dict[str, Any], int, Any]:
+    """(model in eval mode, data.json, step, run config) of a generative run."""
+    from medlatent.eval.session import load_method
+    from medlatent.ssl.registry import GENERATIVE
+    from medlatent.train.precision import resolve_device
+    from medlatent.train.runs import RunDir
+
+    cfg = RunDir(Path(run_dir)).read_config()
+    if cfg.method not in GENERATIVE:
+        raise ConfigError(f"{run_dir}: a {cfg.method} run is not a generative model "
+                          f"(train one with medlatent generate train --model {'|'.join(GENERATIVE)})")
+    model, meta, step = load_method(run_dir, resolve_device(device))
+    return model, meta, step, cfg
+
+
+def _shape(meta: dict[str, Any]) -> tuple[int, ...]:
+    return (meta["channels"], *(meta["image_size"],) * meta["spatial_dims"])
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> Path:
+    import json
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def sample_run(run_dir: str | Path, n: int = 1000, class_index: int | None = None, guidance: float = 1.0,
+               steps: int = 50, seed: int = 0, out: str | Path | None = None, device: str = "auto",
+               loaded: tuple | None = None) -> dict[str, Any]:
+    """Write n samples (npz in MedMNIST layout) and a per-class grid PNG into the run folder.
+    ``loaded``: the result of :func:`load_generator`, to avoid loading twice."""
+    from medlatent.eval.maps import display_images
+    from medlatent.report.figures import sample_grid_figure
+
+    model, meta, step, cfg = loaded or load_generator(run_dir, device)
+    k = meta.get("condition_classes", 0)
+    dev = next(model.parameters()).device
+    images, labels, rate = sample_images(model, n, _shape(meta), k, class_index, guidance, steps, seed, device=dev)
+    tag = f"samples-{cfg.method}" + (f"-class{class_index}" if class_index is not None else "") + f"-g{guidance:g}"
+    path = save_samples(Path(out) if out else Path(run_dir) / f"{tag}.npz", images, labels)
+    names = meta["class_names"] if k else ["samples"]
+    rows = ([display_images(images[(labels[:, 0] == c)][:10]) for c in range(k)] if k
+            else [display_images(images[i:i + 10]) for i in range(0, min(len(images), 50), 10)])
+    row_names = names if k else [""] * len(rows)
+    keep = [i for i, r in enumerate(rows) if r]
+    grid = sample_grid_figure([rows[i] for i in keep], [row_names[i] for i in keep],
+                              f"{cfg.method} on {meta['name']} (step {step}, guidance {guidance:g})",
+                              path.with_suffix(".png"))
+    return dict(samples=str(path), grid=str(grid), n=n, samples_per_s=rate, step=step)
+
+
+def evaluate_run(run_dir: str | Path, n: int = 1000, guidance: float = 1.0, steps: int = 50, seed: int = 0,
+                 classifier_epochs: int = 15, data_dir: str | None = None, device: str = "auto",
+                 min_steps: int = 300) -> dict[str, Any]:
+    """Sample n images and judge them against the run's data; writes ``generation_eval.json``,
+    ``memorisation.png`` and the per-class grid into the run folder."""
+    import dataclasses
+
+    from medlatent.data.sources import load_dataset
+    from medlatent.eval.maps import display_images
+    from medlatent.report.figures import memorisation_figure
+
+    loaded = load_generator(run_dir, device)
+    model, meta, step, cfg = loaded
+    dev = next(model.parameters()).device
+    data = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir if data_dir is not None else cfg.data.data_dir))
+    if data.task is None or data.task.startswith("multi-label"):
+        raise ConfigError(f"{data.source or data.name}: judging samples needs single-label train/val/test splits")
+    sampled = sample_run(run_dir, n, None, guidance, steps, seed, Path(run_dir) / "samples-eval.npz", device, loaded)
+    from medlatent.data.medmnist import load_npz
+
+    synth = load_npz(sampled["samples"]).split("train")
+    result = judge(synth, data, dev, classifier_epochs, seed, min_steps)
+    mem, test_ratio = result.pop("_memorisation")
+    closest = mem["ratio"].argsort()[:6]
+    train_imgs = data.split("train").images
+    pairs = [(display_images(synth.images[i:i + 1])[0], display_images(train_imgs[mem["nearest"][i]:mem["nearest"][i] + 1])[0],
+              float(mem["ratio"][i])) for i in closest.tolist()]
+    fig = memorisation_figure(pairs, mem["ratio"].numpy(), test_ratio.numpy(),
+                              f"{cfg.method} on {data.name}: closest samples to training images",
+                              Path(run_dir) / "memorisation.png")
+    result.update(model=cfg.method, data=data.name, step=step, guidance=guidance, sampler_steps=steps,
+                  samples_per_s=sampled["samples_per_s"], grid=sampled["grid"], memorisation_figure=str(fig),
+                  conditional=bool(meta.get("condition_classes", 0)))
+    _write_json(Path(run_dir) / "generation_eval.json", result)
+    return result
+
+
+def augment_experiment(run_dir: str | Path, fractions: tuple[float, ...] = (0.01, 0.1), n_synthetic: int = 2000,
+                       seeds: tuple[int, ...] = (0, 1, 2), guidance: float = 1.0, steps: int = 50,
+                       classifier_epochs: int = 15, data_dir: str | None = None, device: str = "auto",
+                       min_steps: int = 300) -> dict[str, Any]:
+    """A classifier on a labelled fraction alone vs the fraction plus class-conditional samples
+    (real val for early stopping, real test for the score); mean and std over seeds."""
+    import dataclasses
+
+    from medlatent.data.sources import load_dataset
+
+    model, meta, step, cfg = load_generator(run_dir, device)
+    if not meta.get("condition_classes", 0):
+        raise ConfigError(f"{run_dir}: synthetic augmentation needs a class-conditional model (--conditional)")
+    dev = next(model.parameters()).device
+    data = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir if data_dir is not None else cfg.data.data_dir))
+    images, labels, _ = sample_images(model, n_synthetic, _shape(meta), meta["condition_classes"], None, guidance,
+                                      steps, 0, device=dev)
+    synth = ImageSet(images, labels)
+    mean, std = [0.5] * data.channels, [0.5] * data.channels
+    rows = []
+    train = data.split("train")
+    for fraction in fractions:
+        for seed in seeds:
+            idx = label_fraction(train.labels, fraction, seed)
+            real = train.subset(idx)
+            mixed = ImageSet(torch.cat([real.images, synth.images]), torch.cat([real.labels, synth.labels]))
+            for name, subset in (("real only", real), ("real + synthetic", mixed)):
+                clf = train_classifier(subset, data, mean, std, dev, classifier_epochs, seed, min_steps)
+                rows.append(dict(fraction=fraction, seed=seed, training=name, n_real=len(idx),
+                                 n_synthetic=len(synth) if name != "real only" else 0,
+                                 **_accuracy(clf, data, mean, std, dev)))
+    summary = []
+    for fraction in fractions:
+        for name in ("real only", "real + synthetic"):
+            acc = np.array([r["acc"] for r in rows if r["fraction"] == fraction and r["training"] == name])
+            auc = np.array([r["auc"] for r in rows if r["fraction"] == fraction and r["training"] == name])
+            summary.append(dict(fraction=fraction, training=name, acc=float(acc.mean()), acc_std=float(acc.std()),
+                                auc=float(auc.mean()), auc_std=float(auc.std()), n_seeds=len(acc)))
+    result = dict(model=cfg.method, data=data.name, step=step, n_synthetic=n_synthetic, guidance=guidance,
+                  rows=rows, summary=summary)
+    _write_json(Path(run_dir) / "synthetic_augmentation.json", result)
+    return result
