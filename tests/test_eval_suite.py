@@ -137,3 +137,18 @@ def test_confusion_matrix_counts_pairs(task: str):
         naive[t, p] += 1
     assert np.array_equal(confusion(y, scores, task, k), naive)
     assert confusion(y, scores, "multi-label, binary-class", k) is None
+
+
+def test_a_run_without_checkpoints_is_evaluated_from_its_exported_encoder(tiny_run: Path, tmp_path: Path):
+    import shutil
+
+    copy = tmp_path / "pruned"
+    shutil.copytree(tiny_run, copy)
+    shutil.rmtree(copy / "checkpoints")
+    a, _, step_a = api.load_encoder(tiny_run)
+    b, _, step_b = api.load_encoder(copy)
+    assert step_a == step_b == 16 and all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                                              b.state_dict().values()))
+    (copy / "encoder.safetensors").unlink()
+    with pytest.raises(Exception, match="no checkpoint yet"):
+        api.load_encoder(copy)

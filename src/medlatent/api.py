@@ -120,7 +120,7 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     result = fit(method, images, recipe, cfg, run, device, autocast, channels_last, on_progress, should_stop,
                  on_epoch_end, labels)
     if result.status == "finished" and dist.is_main() and spec.exports_encoder:
-        export_encoder(run, method.encoder, cfg)
+        export_encoder(run, method.encoder, cfg, result.step)
     return run.path, result
 
 
@@ -137,10 +137,12 @@ def _map_during_training(encoder: nn.Module, data: Dataset, cfg: PretrainConfig,
     return lambda epoch, step: draw(encoder, epoch, step)
 
 
-def export_encoder(run: RunDir, encoder: nn.Module, cfg: PretrainConfig) -> None:
-    """Write the final encoder weights (MONAI parameter names) and what is needed to rebuild it."""
+def export_encoder(run: RunDir, encoder: nn.Module, cfg: PretrainConfig, step: int) -> None:
+    """Write the final encoder weights (MONAI parameter names) and what is needed to rebuild it;
+    evaluation falls back to this file when the checkpoints have been deleted."""
     checkpoint.save_tensors(encoder.state_dict(), run.encoder_file,
-                            metadata=dict(backbone=cfg.backbone.name, method=cfg.method))
+                            metadata=dict(backbone=cfg.backbone.name, method=cfg.method, step=str(step)))
+    run.write_json("encoder_step.json", dict(step=step))
 
 
 def probe(run_dir: str | Path, data: str | None = None, splits: tuple[str, ...] = ("val", "test"),

@@ -48,18 +48,23 @@ def load_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
     run = RunDir(Path(run_dir))
     cfg = run.read_config()
     ckpt = checkpoint.latest(run.checkpoints, with_optimizer=False)
-    if ckpt is None:
+    if ckpt is not None:
+        source, step = ckpt.path, ckpt.step
+        weights = {k[len("encoder."):]: v for k, v in ckpt.model.items() if k.startswith("encoder.")}
+    elif run.encoder_file.is_file():  # a finished run whose checkpoints were pruned keeps its encoder
+        source, weights = run.encoder_file, checkpoint.load_tensors(run.encoder_file)
+        step = int(run.read_json("encoder_step.json")["step"]) if (run.path / "encoder_step.json").is_file() else -1
+    else:
         raise CheckpointError(f"{run.path}: has no checkpoint yet (a run writes its first one at the end of "
                               f"epoch 1); nothing to evaluate")
     meta = run.read_json("data.json")
     encoder = build_encoder(cfg.backbone.name, meta["channels"], meta["image_size"], meta["spatial_dims"],
                             cfg.backbone.patch_size, cfg.backbone.depth)
-    weights = {k[len("encoder."):]: v for k, v in ckpt.model.items() if k.startswith("encoder.")}
     missing, unexpected = encoder.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{ckpt.path}: encoder weights do not match {cfg.backbone.name} "
+        raise CheckpointError(f"{source}: encoder weights do not match {cfg.backbone.name} "
                               f"(missing {len(missing)}, unexpected {len(unexpected)})")
-    return encoder.to(device).eval(), meta, ckpt.step
+    return encoder.to(device).eval(), meta, step
 
 
 def load_method(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any], int]:

@@ -34,8 +34,9 @@ class GANConfig:
     """Sizes for 28-px images (2-D)."""
 
     latent_dim: int = 128
-    # Generator and discriminator width at the coarsest (7x7) level.
-    width: int = 128
+    # Generator and discriminator width at the coarsest (7x7) level (64: ~540 img/s training
+    # per CPU core at 28 px; 128 is 6x slower).
+    width: int = 64
     conditional: bool = False
     # EMA of the generator weights used for sampling.
     ema: float = 0.999
