@@ -101,8 +101,8 @@ def write_report(ev: RunEvaluation, out: Path | None = None) -> Path:
     if efficiency:
         parts += ["<h2>Label efficiency</h2>", _img(run.path / "label_efficiency.png", "label efficiency"),
                   _summary_table(efficiency["summary"]),
-                  f'<p class="muted">Smallest label fraction where each protocol beats training from scratch: '
-                  f'{html.escape(json.dumps({k: (v or {}).get("smallest") for k, v in efficiency["crossover"].items()}))}</p>']
+                  f'<p class="muted">Smallest label fraction at which each protocol beats training from '
+                  f'scratch (test ACC): {html.escape(_crossover_text(efficiency["crossover"]))}.</p>']
     parts += ["<h2>Embedding map</h2>", _img(emb_map, "embedding map"),
               "<h2>Retrieval</h2>",
               _table(["gallery", "queries"] + [k for k in retrieval if k.startswith("precision@")],
@@ -124,6 +124,16 @@ def write_report(ev: RunEvaluation, out: Path | None = None) -> Path:
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>medlatent: {html.escape(run.path.name)}"
             f"</title><style>{STYLE}</style></head><body>{''.join(parts)}{CHECK}</body></html>")
     return _write(out or run.path / "report.html", page)
+
+
+def _crossover_text(crossover: dict[str, Any]) -> str:
+    names = {"knn": "k-NN", "linear": "linear probe", "finetune": "fine-tuning"}
+    parts = []
+    for protocol, c in crossover.items():
+        if c is not None:
+            at = "never" if c["smallest"] is None else f"{c['smallest']:.0%}"
+            parts.append(f"{names.get(protocol, protocol)} {at}")
+    return ", ".join(parts) or "no supervised baseline was run"
 
 
 def compare_runs(runs: list[Path], out: Path | None = None) -> tuple[str, Path | None]:
