@@ -31,7 +31,7 @@ from medlatent.config import ViewConfig
 from medlatent.data.medmnist import load_medmnist
 from medlatent.nets.backbones import build_encoder
 from medlatent.ssl.simclr import SimCLR
-from medlatent.train.precision import bf16_is_fast, resolve_channels_last, resolve_precision
+from medlatent.train.precision import bf16_is_fast, resolve_precision
 
 # ------------------------------------------------------------------------------ PIL baseline
 

@@ -8,8 +8,11 @@ feeding the model costs no per-image Python work; the whole store can live on th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from medlatent.errors import DataError
@@ -42,6 +45,16 @@ class ImageSet:
     def subset(self, index: torch.Tensor) -> "ImageSet":
         labels = None if self.labels is None else self.labels[index]
         return ImageSet(self.images[index], labels)
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = False) -> Path:
+    """Write arrays to ``path`` under a temporary name, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("wb") as f:
+        (np.savez_compressed if compress else np.savez)(f, **arrays)
+    os.replace(tmp, path)
+    return path
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ Every result is written into the run folder as JSON or PNG.
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch.nn as nn
 from medlatent.config import PretrainConfig, from_dict
 from medlatent.data.catalogue import MULTI_LABEL
 from medlatent.data.sources import load_dataset
-from medlatent.data.store import Dataset, ImageSet
+from medlatent.data.store import Dataset, ImageSet, save_npz
 from medlatent.errors import CheckpointError, ConfigError, DataError
 from medlatent.eval.features import extract_features
 from medlatent.eval.finetune import FinetuneConfig, finetune
@@ -259,12 +258,7 @@ class RunEvaluation:
         labels = self.split(split).labels
         if labels is not None:
             arrays["labels"] = labels.numpy()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        with tmp.open("wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-        return path
+        return save_npz(path, arrays)
 
     def display(self, split: str, index: torch.Tensor | list[int]) -> list[np.ndarray]:
         """Images of a split as (H, W[, 3]) arrays in [0, 1] for figures (3-D: middle slice)."""

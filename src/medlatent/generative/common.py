@@ -8,6 +8,8 @@ import torch.nn as nn
 
 from medlatent.augment.views import geometric_only
 from medlatent.config import ViewConfig
+from medlatent.errors import ConfigError
+from medlatent.ssl.base import BuildContext
 
 
 def conv(spatial_dims: int) -> type[nn.Module]:
@@ -30,3 +32,15 @@ def one_hot(labels: torch.Tensor | None, n_classes: int, batch: int, device: tor
         return torch.zeros(batch, 0, device=device)
     assert labels is not None, "a class-conditional model needs labels"
     return torch.nn.functional.one_hot(labels.long(), n_classes).float()
+
+
+def condition_classes(conditional: bool, context: BuildContext, model: str) -> int:
+    """Classes a model is conditioned on: the data's when ``conditional``, else 0.
+
+    Raises:
+        ConfigError: conditional generation asked for data without single-label classes.
+    """
+    if conditional and not context.n_classes:
+        raise ConfigError(f"method_options.conditional: a class-conditional {model} needs labelled "
+                          f"single-label data (these data have no usable class labels)")
+    return context.n_classes if conditional else 0

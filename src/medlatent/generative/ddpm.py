@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
 
 from medlatent.errors import ConfigError
-from medlatent.generative.common import whole_image_views
+from medlatent.generative.common import condition_classes, whole_image_views
 from medlatent.generative.samplers import sample
 from medlatent.generative.schedule import NoiseSchedule, ScheduleConfig
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
@@ -122,10 +122,7 @@ class DDPM(nn.Module):
 
 
 def _build(encoder: nn.Module, o: DDPMConfig, context: BuildContext) -> DDPM:
-    if o.conditional and not context.n_classes:
-        raise ConfigError("method_options.conditional: class-conditional generation needs labelled "
-                          "single-label data (these data have no usable class labels)")
-    return DDPM(context.spatial_dims, context.channels, context.n_classes if o.conditional else 0, o)
+    return DDPM(context.spatial_dims, context.channels, condition_classes(o.conditional, context, "DDPM"), o)
 
 
 SPEC = MethodSpec("ddpm", DDPMConfig, _build, whole_image_views,

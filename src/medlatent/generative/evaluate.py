@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from medlatent.data.store import Dataset, ImageSet, to_float
+from medlatent.data.store import Dataset, ImageSet, save_npz
 from medlatent.errors import ConfigError
 from medlatent.eval.features import extract_features, predict_scores
 from medlatent.eval.finetune import Classifier, FinetuneConfig, finetune
@@ -60,12 +60,7 @@ def save_samples(path: Path, images: torch.Tensor, labels: torch.Tensor | None) 
     arrays = {"train_images": x}
     if labels is not None:
         arrays["train_labels"] = labels.numpy().astype(np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with tmp.open("wb") as f:
-        np.savez_compressed(f, **arrays)
-    os.replace(tmp, path)
-    return path
+    return save_npz(path, arrays, compress=True)
 
 
 def _cache_dir() -> Path:

@@ -24,7 +24,7 @@ from torch.func import functional_call
 from torch.nn.utils.parametrizations import spectral_norm
 
 from medlatent.errors import ConfigError
-from medlatent.generative.common import whole_image_views
+from medlatent.generative.common import condition_classes, whole_image_views
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
 from medlatent.ssl.mechanics import ema_update, make_teacher
 
@@ -131,9 +131,7 @@ class GAN(nn.Module):
 def _build(encoder: nn.Module, o: GANConfig, context: BuildContext) -> GAN:
     if context.spatial_dims != 2:
         raise ConfigError("gan: the DCGAN here is 2-D; use ddpm or ldm for 3-D volumes")
-    if o.conditional and not context.n_classes:
-        raise ConfigError("method_options.conditional: a class-conditional GAN needs labelled single-label data")
-    return GAN(context.channels, context.image_size, context.n_classes if o.conditional else 0, o)
+    return GAN(context.channels, context.image_size, condition_classes(o.conditional, context, "GAN"), o)
 
 
 SPEC = MethodSpec("gan", GANConfig, _build, whole_image_views,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from monai.networks.nets import AutoencoderKL
 
 from medlatent.errors import ConfigError
-from medlatent.generative.common import whole_image_views
+from medlatent.generative.common import condition_classes, whole_image_views
 from medlatent.generative.ddpm import DDPM, DDPMConfig
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
 
@@ -97,9 +97,7 @@ class LDM(nn.Module):
 
 
 def _build(encoder: nn.Module, o: LDMConfig, context: BuildContext) -> LDM:
-    if o.conditional and not context.n_classes:
-        raise ConfigError("method_options.conditional: class-conditional generation needs labelled single-label data")
-    return LDM(context.spatial_dims, context.channels, context.n_classes if o.conditional else 0, o)
+    return LDM(context.spatial_dims, context.channels, condition_classes(o.conditional, context, "LDM"), o)
 
 
 SPEC = MethodSpec("ldm", LDMConfig, _build, whole_image_views,

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from medlatent.errors import ConfigError
-from medlatent.generative.common import conv, conv_transpose, one_hot, whole_image_views
+from medlatent.generative.common import condition_classes, conv, conv_transpose, one_hot, whole_image_views
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
 
 
@@ -102,9 +102,8 @@ class VAE(nn.Module):
 
 
 def _build(encoder: nn.Module, o: VAEConfig, context: BuildContext) -> VAE:
-    if o.conditional and not context.n_classes:
-        raise ConfigError("method_options.conditional: a conditional VAE needs labelled single-label data")
-    return VAE(context.spatial_dims, context.channels, context.image_size, context.n_classes if o.conditional else 0, o)
+    return VAE(context.spatial_dims, context.channels, context.image_size,
+               condition_classes(o.conditional, context, "VAE"), o)
 
 
 SPEC = MethodSpec("vae", VAEConfig, _build, whole_image_views,

@@ -1,0 +1,117 @@
+"""VAE, GAN, DDPM and latent diffusion, class-conditional, on one MedMNIST subset at the same
+wall-clock training budget on this machine; then `medlatent generate evaluate` for each
+(Frechet distance, precision/recall, TSTR vs TRTR, memorisation) and one table.
+
+The epochs are calibrated like benchmarks/pretrain_probe.py: a 20-second run measures img/s
+and the cosine schedule is sized to fill the budget.
+
+    python benchmarks/generative.py --data bloodmnist --budget-min 8
+    python benchmarks/generative.py --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODELS = {"vae": 1.0, "gan": 1.0, "ddpm": 2.0, "ldm": 2.0}  # model -> guidance used for sampling
+N_TRAIN = {"bloodmnist": 11959, "pneumoniamnist": 4708}
+
+
+def run_cli(*args: str) -> str:
+    res = subprocess.run([sys.executable, "-m", "medlatent.cli.main", *args], capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"medlatent {' '.join(args)} failed:\n{res.stderr[-3000:]}")
+    return res.stdout
+
+
+def calibrate(model: str, data: str, out: Path, seconds: float = 25.0) -> float:
+    tmp = out / f".calibrate-{model}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    run_cli("generate", "train", "--model", model, "--data", data, "--conditional", "--epochs", "1000",
+            "--time-budget", str(seconds), "--output", str(tmp), "--set", "train.log_every=2")
+    rates = [json.loads(x).get("images_per_s") for x in (tmp / "metrics.jsonl").read_text().splitlines()]
+    rates = [r for r in rates if r][1:] or [r for r in rates if r]
+    shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(rates)[len(rates) // 2]
+
+
+def one(model: str, args: argparse.Namespace, out: Path) -> dict:
+    budget_s = args.budget_min * 60
+    ips = calibrate(model, args.data, out)
+    epochs = max(1, int(0.92 * budget_s * ips / N_TRAIN.get(args.data, 10000)))
+    run = out / f"run-{model}-{args.data}"
+    shutil.rmtree(run, ignore_errors=True)
+    t0 = time.perf_counter()
+    run_cli("generate", "train", "--model", model, "--data", args.data, "--conditional", "--epochs", str(epochs),
+            "--time-budget", str(budget_s), "--output", str(run))
+    train_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    run_cli("generate", "evaluate", str(run), "--n", str(args.n), "--guidance", str(MODELS[model]),
+            "--steps", str(args.steps), "--classifier-epochs", str(args.classifier_epochs))
+    r = json.loads((run / "generation_eval.json").read_text())
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = sorted(m["images_per_s"] for m in metrics if "images_per_s" in m)
+    params = json.loads((run / "env.json").read_text())
+    r.update(epochs=epochs, calibrated_images_per_s=ips, train_s=train_s, evaluate_s=time.perf_counter() - t1,
+             train_images_per_s=rates[len(rates) // 2] if rates else None, budget_min=args.budget_min,
+             machine=params.get("cpu"), run=str(run))
+    (out / f"{model}_{args.data}.json").write_text(json.dumps(r, indent=1))
+    return r
+
+
+def table(out: Path, data: str) -> str:
+    lines = ["| model | epochs | train img/s | samples/s | Frechet distance | precision | recall | TSTR ACC | "
+             "TRTR ACC (same n) | TSTR / TRTR | samples < 0.5 x test NN distance |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    ref = None
+    for model in MODELS:
+        f = out / f"{model}_{data}.json"
+        if not f.exists():
+            continue
+        r = json.loads(f.read_text())
+        ref = r
+        lines.append(f"| {model} (guidance {r['guidance']:g}) | {r['epochs']} | {r['train_images_per_s']:.0f} | "
+                     f"{r['samples_per_s']:.1f} | {r['frechet_distance']:.2f} | {r['precision']:.3f} | "
+                     f"{r['recall']:.3f} | {r['tstr']['acc']:.3f} | {r['trtr_same_n']['acc']:.3f} | "
+                     f"{r['tstr_over_trtr']:.2f} | {r['memorisation']['share_below_half']:.1%} |")
+    if ref:
+        lines.append(f"\nReal train vs real test in the same features: Frechet distance "
+                     f"{ref['frechet_distance_train_vs_test']:.2f}. TRTR on all {N_TRAIN.get(data)} training images: "
+                     f"ACC {ref['trtr_full']['acc']:.3f}. Features: {ref['domain_encoder']}.")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="bloodmnist")
+    ap.add_argument("--models", nargs="+", default=list(MODELS))
+    ap.add_argument("--budget-min", type=float, default=8.0)
+    ap.add_argument("--n", type=int, default=1000, help="samples judged per model")
+    ap.add_argument("--steps", type=int, default=25, help="DDIM steps for ddpm and ldm")
+    ap.add_argument("--classifier-epochs", type=int, default=15)
+    ap.add_argument("--out-dir", default="benchmarks/out/generative")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        for model in args.models:
+            if (out / f"{model}_{args.data}.json").exists():
+                continue  # resumable
+            r = one(model, args, out)
+            print(f"{model}: FD {r['frechet_distance']:.2f}, TSTR/TRTR {r['tstr_over_trtr']:.2f}", flush=True)
+    print(f"budget: {args.budget_min} min of training per model (conditional, {args.data}, 28 px); "
+          f"{args.n} samples judged; DDIM {args.steps} steps; peak RSS of this driver "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    print(table(out, args.data))
+
+
+if __name__ == "__main__":
+    main()
