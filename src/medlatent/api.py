@@ -75,7 +75,15 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     cfg.method_options = to_dict(options)
 
     data = load_dataset(cfg.data)
-    images = data.split(cfg.data.split).images
+    train_split = data.split(cfg.data.split)
+    if cfg.data.classes is not None:  # e.g. normal images only, for anomaly detection
+        if train_split.labels is None:
+            raise DataError(f"{data.source or data.name}: data.classes needs labelled images")
+        keep = torch.isin(train_split.labels[:, 0], torch.tensor(cfg.data.classes))
+        if not keep.any():
+            raise DataError(f"{data.source or data.name}: no {cfg.data.split} images of classes {cfg.data.classes}")
+        train_split = train_split.subset(keep.nonzero()[:, 0])
+    images = train_split.images
     if data.image_size != cfg.data.size:
         raise DataError(f"{data.source}: images are {data.image_size} px but data.size is {cfg.data.size}")
     device = resolve_device(cfg.train.device)
@@ -89,7 +97,7 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     labels = None  # class labels (N,) for class-conditional generative models only
     if spec.uses_labels and getattr(options, "conditional", False) and data.task is not None \
             and not data.task.startswith("multi-label"):
-        labels = data.split(cfg.data.split).labels[:, 0]
+        labels = train_split.labels[:, 0]
     context = BuildContext(len(images), cfg.train.batch_size, data.image_size, data.channels, data.spatial_dims,
                            data.n_classes if labels is not None else 0)
     method = spec.build(encoder, options, context)

@@ -148,6 +148,9 @@ class DataConfig:
     data_dir: str | None = None
     # Split used for pretraining. Labels are never read by the self-supervised methods.
     split: str = "train"
+    # Train only on the images of these classes (anomaly detection: the normal classes);
+    # None: every image. Evaluation always sees every class.
+    classes: list[int] | None = None
     # 2 for images, 3 for volumes (MedMNIST 3-D subsets, NIfTI folders).
     spatial_dims: int = 2
     # Intensity normalisation for image folders: "none" keeps 8-bit values, "percentile" maps

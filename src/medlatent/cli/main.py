@@ -322,6 +322,98 @@ def generate_augment(run: str, fractions: tuple[float, ...], n_synthetic: int, s
     click.echo(f"written: {Path(run) / 'synthetic_augmentation.json'}")
 
 
+# -------------------------------------------------------------------------------- anomaly
+
+DETECTOR_METHODS = {"ae": "autoencoder", "dae": "denoising-autoencoder", "vae": "vae", "ddpm": "ddpm"}
+
+
+def _classes(text: str) -> list[int]:
+    from medlatent.errors import ConfigError
+
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"--normal {text}: expected class indices such as 0 or 0,1") from None
+
+
+@cli.group()
+def anomaly() -> None:
+    """Anomaly detection from normal images only: fit a detector, score images."""
+
+
+@anomaly.command("fit")
+@click.option("--data", "data_name", required=True, help="MedMNIST subset, .npz or folder (labelled).")
+@click.option("--normal", required=True, help="Normal class(es), e.g. 0 or 0,1; training sees only these.")
+@click.option("--detector", type=click.Choice(list(DETECTOR_METHODS)), default="ae", show_default=True)
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--time-budget", type=float, default=None)
+@click.option("--data-dir", default=None)
+@click.option("--device", default=None)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
+@click.option("--output", default=None)
+def anomaly_fit(data_name: str, normal: str, detector: str, epochs: int, batch_size: int | None,
+                time_budget: float | None, data_dir: str | None, device: str | None, sets: tuple[str, ...],
+                output: str | None) -> None:
+    """Train a reconstruction detector (ae, dae, vae, ddpm) on the normal training images."""
+    import copy
+
+    from medlatent.config import PretrainConfig, from_dict
+
+    method = DETECTOR_METHODS[detector]
+    tree: dict[str, Any] = copy.deepcopy(GENERATIVE_DEFAULTS.get(method, {}))
+    tree["method"] = method
+    tree["data"] = {"name": data_name, "classes": _classes(normal), "data_dir": data_dir}
+    tree["train"] = {"epochs": epochs, **({"batch_size": batch_size} if batch_size else {}),
+                     **({"time_budget_s": time_budget} if time_budget else {}), **({"device": device} if device else {})}
+    for s in sets:
+        _apply_set(tree, s)
+    _run_pretraining(from_dict(PretrainConfig, tree, "config"), output, False)
+
+
+@anomaly.command("score")
+@click.argument("run", type=click.Path(file_okay=False))
+@click.option("--detector", type=click.Choice(["auto", "knn"]), default="auto", show_default=True,
+              help="auto: the run's reconstruction model; knn: feature distance with the run's encoder.")
+@click.option("--data", "data_name", default=None, help="Data to score (default: the run's).")
+@click.option("--normal", default=None, help="Normal class(es) (default: the classes the run was fitted on).")
+@click.option("--score", type=click.Choice(["l2", "l1", "ssim"]), default="l2", show_default=True)
+@click.option("--threshold", "rule", default="mean+3std", show_default=True, help="mean+Kstd or pQ on normal val scores.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--out", default=None, help="Output folder (default: <run>/anomaly-<data>).")
+@click.option("--data-dir", default=None)
+@click.option("--device", default="auto", show_default=True)
+def anomaly_score(run: str, detector: str, data_name: str | None, normal: str | None, score: str, rule: str,
+                  split: str, out: str | None, data_dir: str | None, device: str) -> None:
+    """Per-image scores (CSV) and heatmaps; AUROC, AUPRC, sensitivity and specificity at the threshold."""
+    import dataclasses
+
+    from medlatent.anomaly.detectors import AnomalyConfig, evaluate_detector, write_outputs
+    from medlatent.anomaly.thresholds import parse_rule
+    from medlatent.data.sources import load_dataset
+    from medlatent.errors import ConfigError
+    from medlatent.train.precision import resolve_device
+    from medlatent.train.runs import RunDir
+
+    try:
+        parse_rule(rule)
+    except ValueError as e:
+        raise ConfigError(f"--threshold: {e}") from None
+    cfg_run = RunDir(Path(run)).read_config()
+    classes = _classes(normal) if normal else cfg_run.data.classes
+    if not classes:
+        raise ConfigError(f"{run}: was not fitted on chosen normal classes; give --normal")
+    data = load_dataset(dataclasses.replace(cfg_run.data, name=data_name or cfg_run.data.name,
+                                            data_dir=data_dir if data_dir is not None else cfg_run.data.data_dir))
+    r = evaluate_detector(run, data, classes, AnomalyConfig(score=score, threshold=rule), detector, split,
+                          resolve_device(device))
+    r = write_outputs(r, data.split(split).images, Path(out) if out else Path(run) / f"anomaly-{data.name}")
+    click.echo(f"{r['detector']} on {r['data']} {split} (normal: {classes}; {r['n_anomalous']}/{r['n']} anomalous)")
+    click.echo(f"AUROC {r['auroc']:.4f}  AUPRC {r['auprc']:.4f}; threshold {rule} = {r['threshold']:.4g}: "
+               f"sensitivity {r['sensitivity']:.3f}, specificity {r['specificity']:.3f}")
+    click.echo(f"written: {r['scores_csv']}" + (f", {r['heatmaps']}" if "heatmaps" in r else ""))
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 

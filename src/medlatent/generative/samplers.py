@@ -74,7 +74,7 @@ def guided_eps(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, labels: tor
 def sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], steps: int | None = None,
            sampler: str = "ddim", eta: float = 0.0, labels: torch.Tensor | None = None, null_label: int | None = None,
            guidance: float = 1.0, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-           clip: float | None = 1.0) -> torch.Tensor:
+           clip: float | None = 1.0, x_start: torch.Tensor | None = None, t_start: int | None = None) -> torch.Tensor:
     """Draw samples x_0 of ``shape`` (B, C, *S) starting from pure noise x_T ~ N(0, I).
 
     Args:
@@ -83,13 +83,17 @@ def sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], 
         null_label: the "no class" index the denoiser was trained with (label dropout).
         guidance: w; 1 is plain conditional sampling, > 1 trades diversity for class fidelity.
         clip: clamp x0_hat to [-clip, clip] at each step (data live in [-1, 1]); None: no clamp.
+        x_start, t_start: start from this noisy x_{t_start} instead of pure noise at T - 1
+            (SDEdit-style reconstruction, used by diffusion anomaly scoring); DDIM then spaces
+            its ``steps`` over t_start..0.
     """
-    x = torch.randn(shape, generator=generator, device=device)  # x_T
+    top = schedule.steps - 1 if t_start is None else t_start
+    x = torch.randn(shape, generator=generator, device=device) if x_start is None else x_start  # x_T or x_{t_start}
     if sampler == "ddpm":
-        times = list(range(schedule.steps - 1, -1, -1))
+        times = list(range(top, -1, -1))
     elif sampler == "ddim":
-        n = steps or 50
-        times = torch.linspace(schedule.steps - 1, 0, n).round().long().unique_consecutive().tolist()
+        n = min(steps or 50, top + 1)
+        times = torch.linspace(top, 0, n).round().long().unique_consecutive().tolist()
     else:
         raise ValueError(f"unknown sampler {sampler!r} (ddpm, ddim)")
     for i, t in enumerate(times):

@@ -267,3 +267,21 @@ def memorisation_figure(pairs: list[tuple[np.ndarray, np.ndarray, float]], sampl
             a.set_yticks([])
     fig.suptitle(title, fontsize=9)
     return _save(fig, out)
+
+
+def heatmap_figure(images: list[np.ndarray], heatmaps: list[np.ndarray], titles: list[str], title: str,
+                   out: Path) -> Path:
+    """Two rows: the images, and their anomaly heatmaps (3-D: the middle slice)."""
+    plt = _plt()
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(1.2 * n, 2.8), squeeze=False)
+    for j, (img, heat) in enumerate(zip(images, heatmaps)):
+        h = heat[heat.shape[0] // 2] if heat.ndim == 3 else heat
+        axes[0, j].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+        axes[0, j].set_title(titles[j], fontsize=6)
+        axes[1, j].imshow(h, cmap="inferno")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=8)
+    return _save(fig, out)

@@ -1,0 +1,1 @@
+"""Anomaly detection from normal-only training data: detectors, scores, thresholds."""
