@@ -103,6 +103,8 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     method = spec.build(encoder, options, context)
     if spec.pixel_range == "symmetric":  # (x - 0.5) / 0.5: images in [-1, 1]
         mean, std = [0.5] * data.channels, [0.5] * data.channels
+    elif spec.pixel_range == "unit":  # images as they are, in [0, 1]
+        mean, std = [0.0] * data.channels, [1.0] * data.channels
     else:
         mean, std = channel_stats(images)
     recipe = ViewRecipe(spec.views(resolve(cfg.views, data.name), cfg.data.size, options), mean, std)

@@ -74,7 +74,8 @@ def guided_eps(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, labels: tor
 def sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], steps: int | None = None,
            sampler: str = "ddim", eta: float = 0.0, labels: torch.Tensor | None = None, null_label: int | None = None,
            guidance: float = 1.0, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-           clip: float | None = 1.0, x_start: torch.Tensor | None = None, t_start: int | None = None) -> torch.Tensor:
+           clip: float | None = 1.0, x_start: torch.Tensor | None = None, t_start: int | None = None,
+           x0_transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Draw samples x_0 of ``shape`` (B, C, *S) starting from pure noise x_T ~ N(0, I).
 
     Args:
@@ -86,6 +87,8 @@ def sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], 
         x_start, t_start: start from this noisy x_{t_start} instead of pure noise at T - 1
             (SDEdit-style reconstruction, used by diffusion anomaly scoring); DDIM then spaces
             its ``steps`` over t_start..0.
+        x0_transform: applied to each step's x0 estimate (after the clamp), e.g. data
+            consistency with measured k-space or known pixels; eps is re-derived from it.
     """
     top = schedule.steps - 1 if t_start is None else t_start
     x = torch.randn(shape, generator=generator, device=device) if x_start is None else x_start  # x_T or x_{t_start}
@@ -99,8 +102,10 @@ def sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], 
     for i, t in enumerate(times):
         tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
         eps = guided_eps(denoiser, x, tt, labels, null_label, guidance)
-        if clip is not None:  # re-derive eps from the clamped x0 so both samplers stay consistent
-            x0 = predict_x0(schedule, x, tt, eps).clamp(-clip, clip)
+        if clip is not None or x0_transform is not None:  # change x0, re-derive eps from it
+            x0 = predict_x0(schedule, x, tt, eps)
+            x0 = x0.clamp(-clip, clip) if clip is not None else x0
+            x0 = x0_transform(x0) if x0_transform is not None else x0
             ab = schedule.alpha_bar(tt, x.dim())
             eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
         if sampler == "ddpm":

@@ -65,8 +65,8 @@ class MethodSpec:
         summary: one line for ``--help`` and the README.
         needs_vit: the method works on patch tokens (MAE, I-JEPA) and needs a ViT encoder.
         uses_labels: forward takes (views, labels (B,)) - class-conditional generative models.
-        pixel_range: "standardised" (per-channel mean/std) or "symmetric" ([-1, 1], what
-            generative models produce and are trained on).
+        pixel_range: "standardised" (per-channel mean/std), "symmetric" ([-1, 1], what
+            generative models produce and are trained on) or "unit" ([0, 1], restoration).
         exports_encoder: the run's result is an encoder (written as encoder.safetensors).
     """
 

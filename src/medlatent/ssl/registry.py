@@ -27,10 +27,12 @@ GENERATIVE: dict[str, str] = {
     "ddpm": "medlatent.generative.ddpm",
     "ldm": "medlatent.generative.ldm",
 }
+# Supervised restoration (``medlatent restore train``) uses the loop the same way.
+RESTORATION: dict[str, str] = {"restore": "medlatent.restore.tasks"}
 
 
 def get_method(name: str) -> MethodSpec:
-    known = {**METHODS, **GENERATIVE}
+    known = {**METHODS, **GENERATIVE, **RESTORATION}
     if name not in known:
         raise ConfigError(f"method: unknown method '{name}' (known: {', '.join(METHODS)}; generative: "
                           f"{', '.join(GENERATIVE)})")

@@ -1,0 +1,1 @@
+"""Restoration of degraded acquisitions: denoising, undersampled k-space, inpainting."""

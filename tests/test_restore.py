@@ -1,0 +1,106 @@
+"""Restoration: degradations, k-space masks and consistency, the UNet method, diffusion
+restoration, and the restore commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from medlatent.generative.schedule import NoiseSchedule, ScheduleConfig
+from medlatent.restore.degrade import (box_masks, cartesian_mask, fft2c, kspace_consistency, pixel_consistency,
+                                       poisson_noise, undersample)
+from medlatent.restore.evaluate import matching_step, psnr_ssim
+from medlatent.restore.tasks import Restorer, RestoreConfig
+
+from conftest import write_stripes_npz
+from test_cli import one_error_line, run_cli
+
+
+@pytest.mark.parametrize("width,acc,center", [(28, 4, 0.08), (28, 8, 0.08), (64, 4, 0.08), (320, 8, 0.04)])
+def test_cartesian_mask_keeps_the_fraction_and_the_centre(width: int, acc: float, center: float):
+    m = cartesian_mask(width, acc, center, torch.Generator().manual_seed(0))
+    assert m.sum() == round(width / acc)  # exactly the requested fraction of lines
+    half = (max(1, round(width * center)) - 1) // 2
+    assert m[width // 2 - half:width // 2 + half + 1].all()  # the fully sampled centre around frequency 0
+    assert all(m[j] == m[(width - j) % width] for j in range(width))  # conjugate-symmetric
+    assert torch.equal(m, cartesian_mask(width, acc, center, torch.Generator().manual_seed(0)))
+    assert not torch.equal(m, cartesian_mask(width, acc, center, torch.Generator().manual_seed(1)))
+
+
+def test_data_consistency_leaves_sampled_kspace_unchanged():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 28, 28, generator=g)
+    mask = cartesian_mask(28, 4, 0.08, g)
+    k, zero_filled = undersample(x, mask)
+    assert torch.allclose(undersample(x, torch.ones(28, dtype=torch.bool))[1], x, atol=1e-5)  # full sampling
+    estimate = torch.rand(2, 1, 28, 28, generator=g)
+    dc = kspace_consistency(estimate, k, mask)
+    k_dc = fft2c(dc.to(torch.complex64))
+    # measured columns equal the measurements exactly (the symmetric mask keeps images real)
+    assert torch.allclose(k_dc[..., mask], k[..., mask], atol=1e-4)
+    assert not torch.allclose(k_dc[..., ~mask], k[..., ~mask], atol=1e-3)
+    assert torch.allclose(kspace_consistency(x, k, mask), x, atol=1e-5)  # the truth is already consistent
+
+
+def test_pixel_consistency_boxes_and_poisson():
+    g = torch.Generator().manual_seed(0)
+    masks = box_masks((3, 1, 28, 28), 0.25, g)
+    assert masks.shape == (3, 1, 28, 28) and torch.allclose(1 - masks.mean((1, 2, 3)), torch.full((3,), 196 / 784))
+    x, est = torch.rand(3, 1, 28, 28, generator=g), torch.rand(3, 1, 28, 28, generator=g)
+    out = pixel_consistency(est, x * masks, masks)
+    assert torch.equal(out[masks.bool()], x[masks.bool()]) and torch.equal(out[~masks.bool()], est[~masks.bool()])
+    flat = torch.full((20000,), 0.5)
+    noisy = poisson_noise(flat, 10.0, torch.Generator().manual_seed(0))
+    assert noisy.mean() == pytest.approx(0.5, abs=0.01) and noisy.var() == pytest.approx(0.05, rel=0.05)
+
+
+def test_noise_level_matching_step():
+    ab = NoiseSchedule(ScheduleConfig("cosine", 1000)).alphas_bar
+    for sigma in (0.05, 0.25, 0.5):
+        t = matching_step(ab, sigma)
+        assert float((ab[t].sqrt() * 2 * sigma - (1 - ab[t]).sqrt()).abs()) < 0.01  # same noise std at step t
+
+
+@pytest.mark.parametrize("task,dims", [("denoise", 2), ("poisson", 2), ("kspace", 2), ("inpaint", 2), ("denoise", 3)])
+def test_restorer_trains_two_steps(task: str, dims: int):
+    torch.manual_seed(0)
+    model = Restorer(dims, 1, RestoreConfig(task=task, channels=(8, 16), strides=(2,)))
+    x = torch.rand(4, 1, *(8,) * dims)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    for _ in range(2):
+        loss = model([x]).loss
+        assert torch.isfinite(loss)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    d = model.degrade(x, torch.Generator().manual_seed(0), {"denoise": 0.5, "poisson": 5.0, "kspace": 4.0,
+                                                            "inpaint": 0.25}[task])
+    assert model.restore(d).shape == x.shape
+    assert psnr_ssim(x, x)["ssim"] == pytest.approx(1.0)
+
+
+def test_restore_commands_end_to_end(capsys, tmp_path: Path):
+    data = str(write_stripes_npz(tmp_path / "s.npz", n_train=64, n_val=16, n_test=16))
+    run = tmp_path / "ks"
+    code, _, err = run_cli(capsys, "restore", "train", "--task", "kspace", "--data", data, "--epochs", "1",
+                           "--batch-size", "16", "--output", str(run), "--set", "method_options.channels=[8,16]",
+                           "--set", "method_options.strides=[2]")
+    assert code == 0, err
+    ddpm = tmp_path / "ddpm"
+    code, _, err = run_cli(capsys, "generate", "train", "--model", "ddpm", "--data", data, "--epochs", "1",
+                           "--batch-size", "16", "--output", str(ddpm), "--set", "method_options.channels=[16,32]",
+                           "--set", "method_options.attention_levels=[false,false]",
+                           "--set", "method_options.schedule.steps=20")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "restore", "evaluate", str(run), "--diffusion", str(ddpm), "--n", "8",
+                             "--steps", "2")
+    assert code == 0, err
+    for method in ("zero-filled", "UNet + data consistency", "diffusion + data consistency"):
+        assert method in out
+    assert "4x" in out and "8x" in out and (run / "restore_examples.png").is_file()
+    code, _, err = run_cli(capsys, "restore", "evaluate", str(ddpm))
+    assert code == 1 and "not a restoration run" in one_error_line(err)
