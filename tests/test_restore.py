@@ -104,3 +104,43 @@ def test_restore_commands_end_to_end(capsys, tmp_path: Path):
     assert "4x" in out and "8x" in out and (run / "restore_examples.png").is_file()
     code, _, err = run_cli(capsys, "restore", "evaluate", str(ddpm))
     assert code == 1 and "not a restoration run" in one_error_line(err)
+
+
+def test_classical_baselines_and_jpeg_rate_distortion():
+    from medlatent.restore.compression import jpeg_curve, jpeg_roundtrip, quantise
+    from medlatent.restore.evaluate import classical
+    from conftest import stripes
+
+    imgs, _ = stripes(6)
+    x = torch.from_numpy(imgs[:, None]).float() / 255
+    noisy = (x + 0.25 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0)))
+    base = psnr_ssim(noisy, x)["psnr"]
+    found = classical(noisy, 0.25)
+    assert set(found) == {"non-local means", "total variation", "wavelet"}
+    assert all(psnr_ssim(v, x)["psnr"] > base + 1 for v in found.values())  # each filter removes noise
+
+    curve = jpeg_curve(x, (5, 50, 95))
+    assert [r["bytes"] for r in curve] == sorted(r["bytes"] for r in curve)  # more quality, more bytes
+    assert curve[0]["psnr"] < curve[-1]["psnr"] and all(r["file_bytes"] > r["bytes"] for r in curve)
+    decoded, scan, file = jpeg_roundtrip(x[0, 0].numpy(), 95)
+    assert decoded.shape == (28, 28) and 0 < scan < file
+    z = torch.randn(4, 16)
+    zq, nbytes = quantise(z)
+    assert nbytes == 16 + 4 and (zq - z).abs().max() <= (z.max(1).values - z.min(1).values).max() / 255 + 1e-2
+
+
+def test_rate_distortion_command(capsys, tmp_path: Path):
+    from medlatent import api
+    from medlatent.config import PretrainConfig
+
+    data = str(write_stripes_npz(tmp_path / "s.npz", n_train=64, n_val=16, n_test=16))
+    runs = []
+    for d in (8, 32):
+        cfg = PretrainConfig()
+        cfg.method, cfg.method_options = "autoencoder", {"latent_dim": d}
+        cfg.data.name = data
+        cfg.train.epochs, cfg.train.batch_size = 1, 32
+        runs.append(str(api.pretrain(cfg, output=tmp_path / f"ae{d}")))
+    code, out, err = run_cli(capsys, "restore", "rate-distortion", *runs, "--out", str(tmp_path / "rd.png"))
+    assert code == 0 and "autoencoder (latent 8)" in out and "JPEG" in out, err
+    assert (tmp_path / "rd.png").is_file() and (tmp_path / "rd.json").is_file()

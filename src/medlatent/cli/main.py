@@ -471,6 +471,44 @@ def restore_evaluate(run: str, diffusion_run: str | None, n: int, steps: int, da
     click.echo(f"written: {Path(run) / 'restore_eval.json'}, {r['figure']}")
 
 
+@restore.command("rate-distortion")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--n", type=int, default=500, show_default=True, help="Test images.")
+@click.option("--out", default="rate_distortion.png", show_default=True, help="Plot (a .json is written beside it).")
+@click.option("--data-dir", default=None)
+def restore_rate_distortion(runs: tuple[str, ...], n: int, out: str, data_dir: str | None) -> None:
+    """Autoencoder runs (any latent sizes) against JPEG at the same bytes: PSNR/SSIM vs bytes."""
+    import dataclasses
+    import json
+
+    from medlatent.data.sources import load_dataset
+    from medlatent.data.store import to_float
+    from medlatent.errors import ConfigError
+    from medlatent.eval.session import load_method
+    from medlatent.report.figures import rate_distortion_figure
+    from medlatent.restore.compression import autoencoder_point, jpeg_curve
+    from medlatent.train.runs import RunDir
+
+    rows, data = [], None
+    for run in runs:
+        cfg = RunDir(Path(run)).read_config()
+        if cfg.method not in ("autoencoder", "denoising-autoencoder"):
+            raise ConfigError(f"{run}: a {cfg.method} run has no latent code to store (use autoencoder runs)")
+        method, meta, _ = load_method(run, "cpu")
+        if data is None:
+            data = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir or cfg.data.data_dir))
+            images = to_float(data.split("test").images[:n])
+        rows.append(dict(autoencoder_point(method, images, meta["mean"], meta["std"]), run=run))
+    rows += jpeg_curve(images)
+    for r in sorted(rows, key=lambda r: (r["codec"] == "JPEG", r["bytes"])):
+        extra = f" (file {r['file_bytes']:.0f} B)" if "file_bytes" in r else ""
+        click.echo(f"{r['codec']:28} q{r.get('quality', '-')!s:>3} {r['bytes']:7.1f} B{extra:16}  PSNR {r['psnr']:6.2f}  "
+                   f"SSIM {r['ssim']:.3f}")
+    path = rate_distortion_figure(rows, f"{data.name} test ({len(images)} images): rate-distortion", Path(out))
+    Path(out).with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    click.echo(f"written: {path}, {Path(out).with_suffix('.json')}")
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 

@@ -285,3 +285,24 @@ def heatmap_figure(images: list[np.ndarray], heatmaps: list[np.ndarray], titles:
         ax.set_yticks([])
     fig.suptitle(title, fontsize=8)
     return _save(fig, out)
+
+
+def rate_distortion_figure(rows: list[dict], title: str, out: Path) -> Path:
+    """PSNR and SSIM against bytes per image, one line per codec family."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        families.setdefault("JPEG (scan bytes)" if r["codec"] == "JPEG" else "autoencoder (8-bit code)", []).append(r)
+    for name, rs in families.items():
+        rs = sorted(rs, key=lambda r: r["bytes"])
+        for ax, metric in zip(axes, ("psnr", "ssim")):
+            ax.plot([r["bytes"] for r in rs], [r[metric] for r in rs], "o-", label=name)
+    for ax, label in zip(axes, ("PSNR (dB)", "SSIM")):
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes per image")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, out)

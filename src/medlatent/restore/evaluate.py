@@ -44,7 +44,7 @@ def classical(y: torch.Tensor, sigma: float) -> dict[str, torch.Tensor]:
         axis = None if im.ndim == 2 else -1
         out["non-local means"].append(denoise_nl_means(im, h=0.8 * sigma, sigma=sigma, patch_size=5,
                                                        patch_distance=6, channel_axis=axis))
-        out["total variation"].append(denoise_tv_chambolle(im, weight=sigma, channel_axis=axis))
+        out["total variation"].append(denoise_tv_chambolle(im, weight=0.5 * sigma, channel_axis=axis))
         try:
             out["wavelet"].append(denoise_wavelet(im, sigma=sigma, channel_axis=axis, rescale_sigma=True))
         except (ImportError, ValueError):  # PyWavelets missing
