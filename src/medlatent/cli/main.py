@@ -425,6 +425,8 @@ def restore() -> None:
 @restore.command("train")
 @click.option("--task", type=click.Choice(["denoise", "poisson", "kspace", "inpaint"]), default="denoise",
               show_default=True)
+@click.option("--model", type=click.Choice(["unet", "diffusion"]), default="unet", show_default=True,
+              help="unet: supervised residual UNet; diffusion: conditional (paired) diffusion, Palette-style.")
 @click.option("--data", "data_name", default=None, help="Clean images: MedMNIST subset, .npz or folder.")
 @click.option("--epochs", type=int, default=20, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
@@ -433,13 +435,17 @@ def restore() -> None:
 @click.option("--device", default=None)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="e.g. method_options.sigmas=[0.1,0.2]")
 @click.option("--output", default=None)
-def restore_train(task: str, data_name: str | None, epochs: int, batch_size: int, time_budget: float | None,
+def restore_train(task: str, model: str, data_name: str | None, epochs: int, batch_size: int, time_budget: float | None,
                   data_dir: str | None, device: str | None, sets: tuple[str, ...], output: str | None) -> None:
-    """Train a UNet to undo a simulated degradation of clean images (fresh each step)."""
+    """Train a UNet (or a conditional diffusion model) to undo a simulated degradation of clean
+    images, drawn fresh at every step."""
     from medlatent.config import PretrainConfig, from_dict
 
-    tree: dict[str, Any] = {"method": "restore", "method_options": {"task": task},
-                            "optim": {"lr": 2e-3, "weight_decay": 0.0, "warmup_epochs": 1.0},
+    unet = model == "unet"
+    tree: dict[str, Any] = {"method": "restore" if unet else "restore-diffusion",
+                            "method_options": {"task": task} if unet else {"restore": {"task": task}},
+                            "optim": {"lr": 2e-3 if unet else 4e-4, "weight_decay": 0.0, "warmup_epochs": 1.0,
+                                      "clip_grad_norm": None if unet else 1.0},
                             "train": {"epochs": epochs, "batch_size": batch_size,
                                       **({"time_budget_s": time_budget} if time_budget else {}),
                                       **({"device": device} if device else {})},

@@ -53,16 +53,19 @@ class DDPM(nn.Module):
         spatial_dims: 2 or 3.
         channels: image channels.
         n_classes: classes for conditioning (0: unconditional). Index n_classes is the null class.
+        cond_channels: channels of a conditioning image concatenated to x_t (Palette-style
+            image-to-image diffusion, Saharia et al. 2022); 0: none.
     """
 
-    def __init__(self, spatial_dims: int, channels: int, n_classes: int, cfg: DDPMConfig) -> None:
+    def __init__(self, spatial_dims: int, channels: int, n_classes: int, cfg: DDPMConfig,
+                 cond_channels: int = 0) -> None:
         super().__init__()
         if len(cfg.channels) != len(cfg.attention_levels):
             raise ConfigError(f"ddpm: channels {list(cfg.channels)} and attention_levels {list(cfg.attention_levels)} "
                               f"need one entry per resolution level each")
         self.n_classes = n_classes
         self.p_uncond = cfg.p_uncond
-        self.unet = DiffusionModelUNet(spatial_dims, channels, channels, num_res_blocks=cfg.num_res_blocks,
+        self.unet = DiffusionModelUNet(spatial_dims, channels + cond_channels, channels, num_res_blocks=cfg.num_res_blocks,
                                        channels=cfg.channels, attention_levels=cfg.attention_levels,
                                        num_head_channels=cfg.num_head_channels,
                                        norm_num_groups=min(32, cfg.channels[0]),
@@ -82,10 +85,11 @@ class DDPM(nn.Module):
         return self.n_classes if self.n_classes else None
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
-                ema: bool = False) -> torch.Tensor:
-        """eps_theta(x_t, t, c): (B, C, *S), (B,), (B,) or None -> (B, C, *S)."""
+                ema: bool = False, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_theta(x_t, t, c[, y]): (B, C, *S), (B,), (B,) or None[, (B, C', *S)] -> (B, C, *S)."""
         unet = self.ema_unet if ema else self.unet
-        return unet(x_t, t, class_labels=labels if self.n_classes else None)
+        x = x_t if cond is None else torch.cat([x_t, cond], dim=1)
+        return unet(x, t, class_labels=labels if self.n_classes else None)
 
     def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
         """Algorithm 1 on a batch x0 = views[0] (B, C, *S) in [-1, 1] with labels (B,)."""

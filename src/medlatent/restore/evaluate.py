@@ -21,6 +21,7 @@ from monai.metrics import PSNRMetric, SSIMMetric
 
 from medlatent.generative.samplers import sample
 from medlatent.restore.degrade import kspace_consistency, pixel_consistency
+from medlatent.restore.tasks import make_consistent
 
 
 def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
@@ -115,9 +116,9 @@ def benchmark(restorer: torch.nn.Module, clean: torch.Tensor, ddpm: torch.nn.Mod
             d = restorer.degrade(x, g, level)
             found = {"degraded input" if task in ("denoise", "poisson") else
                      ("zero-filled" if task == "kspace" else "masked input"): d["input"],
-                     "UNet": restorer.restore(d, consistent=False)}
+                     restorer.label: restorer.restore(d, consistent=False)}
             if task in ("kspace", "inpaint"):
-                found["UNet + data consistency"] = restorer.restore(d, consistent=True)
+                found[f"{restorer.label} + data consistency"] = make_consistent(found[restorer.label], d, task)
             if task == "denoise":
                 found.update(classical(d["input"].cpu(), level))
             if ddpm is not None and task == "denoise":
@@ -156,7 +157,7 @@ def evaluate_run(run_dir: str, diffusion_run: str | None = None, n: int = 500, d
 
     dev = resolve_device(device)
     cfg = RunDir(Path(run_dir)).read_config()
-    if cfg.method != "restore":
+    if cfg.method not in ("restore", "restore-diffusion"):
         from medlatent.errors import ConfigError
 
         raise ConfigError(f"{run_dir}: a {cfg.method} run is not a restoration run (medlatent restore train)")
@@ -170,7 +171,7 @@ def evaluate_run(run_dir: str, diffusion_run: str | None = None, n: int = 500, d
     x = clean[:8]
     first = levels(restorer.cfg)[0]
     d = restorer.degrade(x, g, first)
-    shown = {"clean": x, "degraded": d["input"].clamp(0, 1), "UNet": restorer.restore(d)}
+    shown = {"clean": x, "degraded": d["input"].clamp(0, 1), restorer.label: restorer.restore(d)}
     if ddpm is not None and restorer.cfg.task == "denoise":
         shown["diffusion"] = diffusion_denoise(ddpm, d["input"], first, diffusion_steps, g)
     elif ddpm is not None:

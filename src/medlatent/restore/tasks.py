@@ -43,8 +43,44 @@ class RestoreConfig:
     strides: tuple[int, ...] = (2, 2)
 
 
+def degrade(x: torch.Tensor, c: RestoreConfig, g: torch.Generator | None = None, level: float | None = None
+            ) -> dict[str, torch.Tensor]:
+    """Degrade clean images x (B, C, *S) in [0, 1]: {"input": what the restorer sees, and
+    "kspace" + "mask" (k-space) or "mask" (inpainting) for data consistency}. ``level`` fixes
+    the noise sigma / Poisson peak / acceleration / hidden fraction; None draws it per image
+    (per batch for k-space) from the config."""
+    if c.task == "denoise":
+        if level is None:
+            idx = torch.randint(0, len(c.sigmas), (len(x),), generator=g).to(x.device)
+            sigma = torch.tensor(c.sigmas, device=x.device, dtype=x.dtype)[idx].view(-1, *[1] * (x.dim() - 1))
+        else:
+            sigma = torch.full((len(x), *[1] * (x.dim() - 1)), level, device=x.device, dtype=x.dtype)
+        return {"input": x + sigma * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)}
+    if c.task == "poisson":
+        return {"input": poisson_noise(x, level or c.peak, g)}
+    if c.task == "kspace":
+        acc = level or c.accelerations[int(torch.randint(0, len(c.accelerations), (1,), generator=g))]
+        mask = torch.stack([cartesian_mask(x.shape[-1], acc, c.center_fraction, g) for _ in range(len(x))])
+        mask = mask.view(len(x), 1, 1, -1).to(x.device)
+        k, zero_filled = undersample(x, mask)
+        return {"input": zero_filled, "kspace": k, "mask": mask}
+    mask = box_masks(tuple(x.shape), level or c.hidden_fraction, g).to(x.device)
+    return {"input": x * mask, "mask": mask}
+
+
+def make_consistent(out: torch.Tensor, d: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+    """Put the measurements back: k-space columns, or known pixels."""
+    if task == "kspace":
+        return kspace_consistency(out, d["kspace"], d["mask"])
+    if task == "inpaint":
+        return pixel_consistency(out, d["input"], d["mask"])
+    return out
+
+
 class Restorer(nn.Module):
     """degraded (B, C, *S) [+ mask channel for inpainting] -> restored (B, C, *S), in [0, 1] units."""
+
+    label = "UNet"
 
     def __init__(self, spatial_dims: int, channels: int, cfg: RestoreConfig) -> None:
         super().__init__()
@@ -62,36 +98,14 @@ class Restorer(nn.Module):
 
     def degrade(self, x: torch.Tensor, g: torch.Generator | None = None, level: float | None = None
                 ) -> dict[str, torch.Tensor]:
-        """The network's input and what consistency needs: {"input", and "kspace"/"mask"}."""
-        c = self.cfg
-        if c.task == "denoise":
-            if level is None:
-                idx = torch.randint(0, len(c.sigmas), (len(x),), generator=g).to(x.device)
-                sigma = torch.tensor(c.sigmas, device=x.device, dtype=x.dtype)[idx].view(-1, *[1] * (x.dim() - 1))
-            else:
-                sigma = torch.full((len(x), *[1] * (x.dim() - 1)), level, device=x.device, dtype=x.dtype)
-            return {"input": x + sigma * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)}
-        if c.task == "poisson":
-            return {"input": poisson_noise(x, level or c.peak, g)}
-        if c.task == "kspace":
-            acc = level or c.accelerations[int(torch.randint(0, len(c.accelerations), (1,), generator=g))]
-            mask = torch.stack([cartesian_mask(x.shape[-1], acc, c.center_fraction, g) for _ in range(len(x))])
-            mask = mask.view(len(x), 1, 1, -1).to(x.device)
-            k, zero_filled = undersample(x, mask)
-            return {"input": zero_filled, "kspace": k, "mask": mask}
-        mask = box_masks(tuple(x.shape), level or c.hidden_fraction, g).to(x.device)
-        return {"input": x * mask, "mask": mask}
+        return degrade(x, self.cfg, g, level)
 
     def restore(self, d: dict[str, torch.Tensor], consistent: bool = True) -> torch.Tensor:
         """UNet estimate of the clean image; with ``consistent``, measured data are put back."""
         inp = d["input"]
         net_in = torch.cat([inp, d["mask"]], dim=1) if self.cfg.task == "inpaint" else inp
         out = inp + self.unet(net_in)  # residual
-        if consistent and self.cfg.task == "kspace":
-            out = kspace_consistency(out, d["kspace"], d["mask"])
-        if consistent and self.cfg.task == "inpaint":
-            out = pixel_consistency(out, inp, d["mask"])
-        return out
+        return make_consistent(out, d, self.cfg.task) if consistent else out
 
     def forward(self, views: list[torch.Tensor]) -> StepOutput:
         x = views[0]  # (B, C, *S) in [0, 1]

@@ -28,7 +28,8 @@ GENERATIVE: dict[str, str] = {
     "ldm": "medlatent.generative.ldm",
 }
 # Supervised restoration (``medlatent restore train``) uses the loop the same way.
-RESTORATION: dict[str, str] = {"restore": "medlatent.restore.tasks"}
+RESTORATION: dict[str, str] = {"restore": "medlatent.restore.tasks",
+                               "restore-diffusion": "medlatent.restore.paired_diffusion"}
 
 
 def get_method(name: str) -> MethodSpec:
