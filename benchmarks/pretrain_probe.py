@@ -114,7 +114,7 @@ def main() -> None:
                published=PUBLISHED.get(args.data, []))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{args.name or args.method}_{args.data}.json").write_text(json.dumps(out, indent=1))
-    if not args.keep_run:
+    if not args.keep_run and (run / "encoder.safetensors").is_file():  # a budget-stopped run keeps its checkpoint
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     k, lin = test["knn"], test["linear"]
     print(json.dumps(dict(method=args.name or args.method, data=args.data, epochs=epochs, status=fit.status,
