@@ -23,7 +23,7 @@ def one(args: argparse.Namespace) -> None:
     from medlatent.eval.finetune import FinetuneConfig
 
     base = load_base(args.one_run, device="cpu")
-    ft = FinetuneConfig(epochs=args.epochs, min_steps=args.min_steps)
+    ft = FinetuneConfig(epochs=args.epochs, min_steps=args.min_steps, feature_norm=True)
     r = adapt_and_evaluate(base, AdaptConfig(strategy=args.one_strategy), args.one_fraction, 0, ft, device="cpu")
     Path(args.one_out).write_text(json.dumps(r, indent=2))
 
@@ -70,8 +70,8 @@ def main() -> None:
                     res = subprocess.run(cmd, capture_output=True, text=True)
                     print(f"{data} {fraction:g} {strategy}: " + ("ok" if res.returncode == 0 else res.stderr[-1500:]),
                           flush=True)
-    print(f"fine-tuning protocol: AdamW, at most {args.epochs} epochs and at least {args.min_steps} steps, "
-          f"early stopping on val; ACC/AUC on test")
+    print(f"fine-tuning protocol: AdamW (lr 1e-3; full fine-tuning: encoder 1e-4), feature BatchNorm before the "
+          f"head, at most {args.epochs} epochs and at least {args.min_steps} steps, early stopping on val; test ACC/AUC")
     print(table(out))
 
 

@@ -32,8 +32,11 @@ def weights_hash(module: nn.Module) -> str:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that train (adapter weights, prompts, unfrozen biases, the head)."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    """The parameters that train (adapter weights, prompts, unfrozen biases, the head), and the
+    head's buffers (feature-norm statistics)."""
+    state = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    state.update({n: b.detach().cpu().contiguous() for n, b in model.named_buffers() if n.startswith("head.")})
+    return state
 
 
 def save_adapter(path: str | Path, model: nn.Module, cfg: AdaptConfig, base_hash: str,

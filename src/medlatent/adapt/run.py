@@ -69,7 +69,7 @@ def adapt_and_evaluate(base: Base, cfg: AdaptConfig, fraction: float = 1.0, seed
     """Train ``cfg.strategy`` on a stratified ``fraction`` of the training labels; test ACC/AUC,
     trainable parameters (count and % of the encoder), time and peak memory; the adapter is
     written to ``out`` (.safetensors + .json) when given."""
-    ft = ft or FinetuneConfig()
+    ft = ft or FinetuneConfig(feature_norm=True)
     dev = resolve_device(device)
     data = base.data
     if data.task is None:
@@ -98,7 +98,7 @@ def adapt_and_evaluate(base: Base, cfg: AdaptConfig, fraction: float = 1.0, seed
         val=val, test=test, base=base.source, base_notes=base.notes, adapt=dataclasses.asdict(cfg))
     if out is not None:
         w, _ = save_adapter(out, model, cfg, weights_hash(base.encoder),
-                            dict(n_outputs=data.n_classes, task=data.task, data=data.name, mean=base.mean,
+                            dict(n_outputs=data.n_classes, feature_norm=ft.feature_norm, task=data.task, data=data.name, mean=base.mean,
                                  std=base.std, base=base.source, test=test))
         result["adapter"] = str(w)
         result["adapter_bytes"] = w.stat().st_size
@@ -112,7 +112,7 @@ def load_adapted(base: Base, adapter: str | Path) -> Classifier:
         CheckpointError: the adapter was trained on another base encoder, or does not match.
     """
     cfg, info, state = read_adapter(adapter)
-    model = Classifier(adapt(base.encoder.cpu(), cfg), info["n_outputs"])
+    model = Classifier(adapt(base.encoder.cpu(), cfg), info["n_outputs"], info.get("feature_norm", False))
     return load_adapter_into(model, state, info, base.encoder, adapter).eval()
 
 

@@ -710,7 +710,8 @@ def adapt_cmd(source: str, data_name: str | None, strategy: str, rank: int | Non
 
     given = dict(rank=rank, alpha=alpha, prompts=prompts)
     cfg = AdaptConfig(strategy=strategy, deep=not shallow, **{k: v for k, v in given.items() if v is not None})
-    ft = FinetuneConfig(**{k: v for k, v in dict(epochs=epochs, min_steps=min_steps).items() if v is not None})
+    ft = FinetuneConfig(feature_norm=True,
+                        **{k: v for k, v in dict(epochs=epochs, min_steps=min_steps).items() if v is not None})
     base = load_base(source, data_name, data_dir, heads, device)
     adapt(base.encoder, cfg)  # fails fast on a strategy the encoder cannot take
     if base.notes:

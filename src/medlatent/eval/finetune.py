@@ -48,15 +48,20 @@ class FinetuneConfig:
     patience: int = 6
     # Light augmentation (crop 0.8-1, flips where the data allow them).
     augment: bool = True
+    # Normalise the features before the head with a BatchNorm without affine parameters (MAE's
+    # linear-probing recipe, He et al. 2022): frozen ViT features have very uneven scales.
+    feature_norm: bool = False
 
 
 class Classifier(nn.Module):
-    """Encoder (B, C, *S) -> (B, D) followed by a linear head -> (B, K) logits."""
+    """Encoder (B, C, *S) -> (B, D) followed by a linear head -> (B, K) logits; with
+    ``feature_norm`` the head is BatchNorm1d(affine=False) then Linear."""
 
-    def __init__(self, encoder: nn.Module, n_outputs: int) -> None:
+    def __init__(self, encoder: nn.Module, n_outputs: int, feature_norm: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(encoder.out_dim, n_outputs)
+        linear = nn.Linear(encoder.out_dim, n_outputs)
+        self.head = nn.Sequential(nn.BatchNorm1d(encoder.out_dim, affine=False), linear) if feature_norm else linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(x))
@@ -113,7 +118,7 @@ def finetune(encoder: nn.Module, train: ImageSet, val: ImageSet, task: str, n_ou
         (model at its best val ACC, its val metrics, optimiser steps taken).
     """
     torch.manual_seed(seed)
-    model = train_mode(Classifier(copy.deepcopy(encoder), n_outputs).to(device))
+    model = train_mode(Classifier(copy.deepcopy(encoder), n_outputs, cfg.feature_norm).to(device))
     fmt = torch.channels_last if channels_last and train.images.dim() == 4 else torch.contiguous_format
     model.to(memory_format=fmt)
     scale = cfg.encoder_lr_scale if encoder_lr_scale is None else encoder_lr_scale
