@@ -254,3 +254,16 @@ def test_generate_commands_end_to_end(capsys, tmp_path, monkeypatch):
     assert code == 0, err
     code, _, err = run_cli(capsys, "generate", "sample", str(vae), "--n", "4", "--class", "0")
     assert code == 1 and "unconditional" in one_error_line(err)
+
+
+def test_log_window_averages_terms_that_start_mid_window():
+    """Latent diffusion logs "autoencoder" terms, then "diffusion" terms: a window spanning the
+    switch averages each over the steps that report it (this raised KeyError before)."""
+    from medlatent.train.loop import _Window
+
+    window = _Window(first_step=0)
+    window.add(torch.tensor(1.0), {"autoencoder": torch.tensor(2.0)})
+    window.add(torch.tensor(3.0), {"autoencoder": torch.tensor(4.0)})
+    window.add(torch.tensor(5.0), {"diffusion": torch.tensor(6.0)})
+    record = window.flush(None, done=3, steps_per_epoch=3, lr=0.1, batch_size=2, wall0=0.0)  # type: ignore[arg-type]
+    assert record["loss"] == 3.0 and record["autoencoder"] == 3.0 and record["diffusion"] == 6.0

@@ -26,6 +26,10 @@ from medlatent.train.precision import memory_format
 from medlatent.train.runs import RunDir
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 @dataclass
 class FitResult:
     """How a call to :func:`fit` ended."""
@@ -201,7 +205,10 @@ class _Window:
                 f"loss became {value} at step {step} (epoch {step // steps_per_epoch}); training stopped, "
                 f"last good checkpoint: {last[-1] if last else 'none (diverged before the first)'}")
         elapsed = time.perf_counter() - self.t0
-        extra = {k: float(sum(float(d[k]) for d in self.logs) / len(self.logs)) for k in self.logs[-1]}
+        # Each logged term is averaged over the steps that report it (a staged method such as
+        # latent diffusion logs different terms before and after its stage switch).
+        keys = dict.fromkeys(k for d in self.logs for k in d)
+        extra = {k: _mean([float(d[k]) for d in self.logs if k in d]) for k in keys}
         record = dict(step=done, epoch=done / steps_per_epoch, loss=float(values.mean()), lr=lr,
                       images_per_s=len(values) * batch_size / max(elapsed, 1e-9),
                       time_s=time.perf_counter() - wall0, **extra)
