@@ -5,7 +5,8 @@ in turn as "normal", mean over classes), at the same training budget per detecto
     python benchmarks/anomaly.py --budget-min 3 --encoder pneumoniamnist=RUN --encoder bloodmnist=RUN
     python benchmarks/anomaly.py --table-only
 
-Reconstruction detectors are trained here (`medlatent anomaly fit`); the feature detector uses
+Reconstruction detectors are trained here (`medlatent anomaly fit`, epochs calibrated so the
+cosine schedule fills the budget, see calibrate.py); the feature detector uses
 an existing self-supervised encoder run per data set (`--encoder DATA=RUN`), pretrained on
 unlabelled images. Each result is a JSON in --out-dir; the script is resumable.
 """
@@ -14,19 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
+
+import numpy as np
+from calibrate import epochs_for_budget, images_per_second, run_cli  # benchmarks/calibrate.py
 
 PROTOCOLS = {"pneumoniamnist": [[0]], "breastmnist": [[1]], "bloodmnist": [[c] for c in range(8)]}
 DETECTORS = ["ae", "dae", "vae", "ddpm", "knn"]
 
 
-def cli(*args: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "medlatent.cli.main", *args], capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"medlatent {' '.join(args)}:\n{res.stderr[-2000:]}")
-    return res.stdout
+def n_normal(data: str, normal: list[int]) -> int:
+    """Training images of the normal classes (the detector's epoch length)."""
+    from medlatent.data.medmnist import load_medmnist
+
+    labels = load_medmnist(data, splits=("train",)).splits["train"].labels
+    return int(np.isin(labels.numpy().reshape(-1), normal).sum())
 
 
 def one(data: str, normal: list[int], detector: str, args: argparse.Namespace, encoders: dict[str, str]) -> dict:
@@ -36,14 +39,17 @@ def one(data: str, normal: list[int], detector: str, args: argparse.Namespace, e
     if detector == "knn":
         if data not in encoders:
             return {}
-        cli("anomaly", "score", encoders[data], "--detector", "knn", "--normal", normal_s, "--data", data,
+        run_cli("anomaly", "score", encoders[data], "--detector", "knn", "--normal", normal_s, "--data", data,
             "--out", str(out))
     else:
         run = Path(args.out_dir) / f"run-{tag}"
         if not (run / "config.yaml").exists():
-            cli("anomaly", "fit", "--data", data, "--normal", normal_s, "--detector", detector, "--epochs", "1000",
-                "--time-budget", str(args.budget_min * 60), "--output", str(run))
-        cli("anomaly", "score", str(run), "--score", args.score, "--out", str(out))
+            fit = ["anomaly", "fit", "--data", data, "--normal", normal_s, "--detector", detector]
+            budget_s = args.budget_min * 60
+            ips = images_per_second(fit, Path(args.out_dir) / f".calibrate-{tag}", seconds=15.0)
+            epochs = epochs_for_budget(ips, n_normal(data, normal), budget_s)
+            run_cli(*fit, "--epochs", str(epochs), "--time-budget", str(budget_s), "--output", str(run))
+        run_cli("anomaly", "score", str(run), "--score", args.score, "--out", str(out))
     return json.loads((out / "anomaly.json").read_text())
 
 

@@ -2,7 +2,7 @@
 wall-clock training budget on this machine; then `medlatent generate evaluate` for each
 (Frechet distance, precision/recall, TSTR vs TRTR, memorisation) and one table.
 
-The epochs are calibrated like benchmarks/pretrain_probe.py: a 20-second run measures img/s
+The epochs are calibrated like benchmarks/pretrain_probe.py: a 25-second run measures img/s
 and the cosine schedule is sized to fill the budget.
 
     python benchmarks/generative.py --data bloodmnist --budget-min 8
@@ -15,42 +15,27 @@ import argparse
 import json
 import resource
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from calibrate import epochs_for_budget, images_per_second, run_cli  # benchmarks/calibrate.py
+
 MODELS = {"vae": 1.0, "gan": 1.0, "ddpm": 2.0, "ldm": 2.0}  # model -> guidance used for sampling
+# Pixel-space DDPM is the slowest per image: a smaller batch buys it more optimiser steps in the
+# same minutes (lr 2e-4 at batch 32, given per batch 256 as the loop expects).
+OVERRIDES = {"ddpm": ["--set", "train.batch_size=32", "--set", "optim.lr=1.6e-3"]}
 N_TRAIN = {"bloodmnist": 11959, "pneumoniamnist": 4708}
-
-
-def run_cli(*args: str) -> str:
-    res = subprocess.run([sys.executable, "-m", "medlatent.cli.main", *args], capture_output=True, text=True)
-    if res.returncode:
-        raise SystemExit(f"medlatent {' '.join(args)} failed:\n{res.stderr[-3000:]}")
-    return res.stdout
-
-
-def calibrate(model: str, data: str, out: Path, seconds: float = 25.0) -> float:
-    tmp = out / f".calibrate-{model}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    run_cli("generate", "train", "--model", model, "--data", data, "--conditional", "--epochs", "1000",
-            "--time-budget", str(seconds), "--output", str(tmp), "--set", "train.log_every=2")
-    rates = [json.loads(x).get("images_per_s") for x in (tmp / "metrics.jsonl").read_text().splitlines()]
-    rates = [r for r in rates if r][1:] or [r for r in rates if r]
-    shutil.rmtree(tmp, ignore_errors=True)
-    return sorted(rates)[len(rates) // 2]
 
 
 def one(model: str, args: argparse.Namespace, out: Path) -> dict:
     budget_s = args.budget_min * 60
-    ips = calibrate(model, args.data, out)
-    epochs = max(1, int(0.92 * budget_s * ips / N_TRAIN.get(args.data, 10000)))
+    train = ["generate", "train", "--model", model, "--data", args.data, "--conditional", *OVERRIDES.get(model, [])]
+    ips = images_per_second(train, out / f".calibrate-{model}")
+    epochs = epochs_for_budget(ips, N_TRAIN.get(args.data, 10000), budget_s)
     run = out / f"run-{model}-{args.data}"
     shutil.rmtree(run, ignore_errors=True)
     t0 = time.perf_counter()
-    run_cli("generate", "train", "--model", model, "--data", args.data, "--conditional", "--epochs", str(epochs),
-            "--time-budget", str(budget_s), "--output", str(run))
+    run_cli(*train, "--epochs", str(epochs), "--time-budget", str(budget_s), "--output", str(run))
     train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     run_cli("generate", "evaluate", str(run), "--n", str(args.n), "--guidance", str(MODELS[model]),
@@ -67,9 +52,9 @@ def one(model: str, args: argparse.Namespace, out: Path) -> dict:
 
 
 def table(out: Path, data: str) -> str:
-    lines = ["| model | epochs | train img/s | samples/s | Frechet distance | precision | recall | TSTR ACC | "
+    lines = ["| model | budget | epochs | train img/s | samples/s | Frechet distance | precision | recall | TSTR ACC | "
              "TRTR ACC (same n) | TSTR / TRTR | samples < 0.5 x test NN distance |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     ref = None
     for model in MODELS:
         f = out / f"{model}_{data}.json"
@@ -77,7 +62,7 @@ def table(out: Path, data: str) -> str:
             continue
         r = json.loads(f.read_text())
         ref = r
-        lines.append(f"| {model} (guidance {r['guidance']:g}) | {r['epochs']} | {r['train_images_per_s']:.0f} | "
+        lines.append(f"| {model} (guidance {r['guidance']:g}) | {r['budget_min']:g} min | {r['epochs']} | {r['train_images_per_s']:.0f} | "
                      f"{r['samples_per_s']:.1f} | {r['frechet_distance']:.2f} | {r['precision']:.3f} | "
                      f"{r['recall']:.3f} | {r['tstr']['acc']:.3f} | {r['trtr_same_n']['acc']:.3f} | "
                      f"{r['tstr_over_trtr']:.2f} | {r['memorisation']['share_below_half']:.1%} |")

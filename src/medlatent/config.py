@@ -193,6 +193,7 @@ class OptimConfig:
     # the two networks.
     betas: tuple[float, float] = (0.9, 0.999)
     # Linear warm-up, then cosine decay to final_lr_fraction * lr (SimCLR, Chen et al. 2020).
+    # The warm-up is capped at a fifth of the run's steps.
     warmup_epochs: float = 2.0
     final_lr_fraction: float = 0.01
     # Clip the global gradient norm; None disables. Guards the first steps of contrastive training.

@@ -75,7 +75,8 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
     per_rank = t.batch_size // world
     steps_per_epoch = len(images) // t.batch_size
     total = t.epochs * steps_per_epoch
-    warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    # Warm-up never takes more than a fifth of the run (a one-epoch run would otherwise end warming up).
+    warmup = min(round(cfg.optim.warmup_epochs * steps_per_epoch), total // 5)
     peak_lr = scaled_lr(cfg.optim, t.batch_size)
     spatial_dims = images.dim() - 2
 
