@@ -18,6 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
 from calibrate import epochs_for_budget, images_per_second, run_cli  # benchmarks/calibrate.py
 
 MODELS = {"vae": 1.0, "gan": 1.0, "ddpm": 2.0, "ldm": 2.0}  # model -> guidance used for sampling
@@ -29,14 +30,19 @@ N_TRAIN = {"bloodmnist": 11959, "pneumoniamnist": 4708}
 
 def one(model: str, args: argparse.Namespace, out: Path) -> dict:
     budget_s = args.budget_min * 60
-    train = ["generate", "train", "--model", model, "--data", args.data, "--conditional", *OVERRIDES.get(model, [])]
-    ips = images_per_second(train, out / f".calibrate-{model}")
-    epochs = epochs_for_budget(ips, N_TRAIN.get(args.data, 10000), budget_s)
     run = out / f"run-{model}-{args.data}"
-    shutil.rmtree(run, ignore_errors=True)
-    t0 = time.perf_counter()
-    run_cli(*train, "--epochs", str(epochs), "--time-budget", str(budget_s), "--output", str(run))
-    train_s = time.perf_counter() - t0
+    train = ["generate", "train", "--model", model, "--data", args.data, "--conditional", *OVERRIDES.get(model, [])]
+    if args.evaluate_only:  # the run is trained already: judge it again
+        ips = None
+        epochs = int(yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"])
+        train_s = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["time_s"]
+    else:
+        ips = images_per_second(train, out / f".calibrate-{model}")
+        epochs = epochs_for_budget(ips, N_TRAIN.get(args.data, 10000), budget_s)
+        shutil.rmtree(run, ignore_errors=True)
+        t0 = time.perf_counter()
+        run_cli(*train, "--epochs", str(epochs), "--time-budget", str(budget_s), "--output", str(run))
+        train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     run_cli("generate", "evaluate", str(run), "--n", str(args.n), "--guidance", str(MODELS[model]),
             "--steps", str(args.steps), "--classifier-epochs", str(args.classifier_epochs))
@@ -80,7 +86,9 @@ def main() -> None:
     ap.add_argument("--budget-min", type=float, default=8.0)
     ap.add_argument("--n", type=int, default=1000, help="samples judged per model")
     ap.add_argument("--steps", type=int, default=25, help="DDIM steps for ddpm and ldm")
-    ap.add_argument("--classifier-epochs", type=int, default=15)
+    ap.add_argument("--classifier-epochs", type=int, default=5,
+                    help="epochs of the domain classifier (features) and of the TSTR/TRTR classifiers")
+    ap.add_argument("--evaluate-only", action="store_true", help="judge existing runs again, no training")
     ap.add_argument("--out-dir", default="benchmarks/out/generative")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
