@@ -22,22 +22,29 @@ def one(args: argparse.Namespace) -> None:
     from medlatent.adapt.strategies import AdaptConfig
     from medlatent.eval.finetune import FinetuneConfig
 
-    base = load_base(args.one_run, device="cpu")
+    base = load_base(args.one_run, device=args.device)
     ft = FinetuneConfig(epochs=args.epochs, min_steps=args.min_steps, feature_norm=True)
-    r = adapt_and_evaluate(base, AdaptConfig(strategy=args.one_strategy), args.one_fraction, 0, ft, device="cpu")
+    r = adapt_and_evaluate(base, AdaptConfig(strategy=args.one_strategy), args.one_fraction, 0, ft, device=args.device)
     Path(args.one_out).write_text(json.dumps(r, indent=2))
 
 
 def table(out: Path) -> str:
     rows = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
-    lines = ["| strategy | trainable params | % of encoder | data | labels | test ACC | test AUC | train time | peak RSS |",
+    lines = ["| strategy | trainable params | % of encoder | data | labels | test ACC | test AUC | train time | peak memory |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     order = {s: i for i, s in enumerate(STRATEGIES)}
     for r in sorted(rows, key=lambda r: (r["data"], -r["fraction"], order[r["strategy"]])):
         lines.append(f"| {r['strategy']} | {r['trainable_params']:,} | {r['trainable_pct']:.2f} % | {r['data']} | "
                      f"{r['fraction']:.0%} | {r['test']['acc']:.3f} | {r['test']['auc']:.3f} | {r['train_s']:.0f} s | "
-                     f"{r['peak_rss_gib']:.2f} GiB |")
+                     f"{_memory(r)} |")
     return "\n".join(lines)
+
+
+def _memory(r: dict) -> str:
+    """Peak GPU memory where the run used a GPU, else peak host RSS."""
+    if r.get("peak_gpu_gib"):
+        return f"{r['peak_gpu_gib']:.2f} GiB GPU"
+    return f"{r['peak_rss_gib']:.2f} GiB RSS"
 
 
 def main() -> None:
@@ -47,6 +54,7 @@ def main() -> None:
     ap.add_argument("--strategies", nargs="+", default=STRATEGIES)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--min-steps", type=int, default=200)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--out-dir", default="benchmarks/out/adapt")
     ap.add_argument("--table-only", action="store_true")
     for name in ("run", "strategy", "fraction", "out"):  # internal: one combination in this process
@@ -66,7 +74,7 @@ def main() -> None:
                         continue  # resumable
                     cmd = [sys.executable, __file__, "--one-run", run, "--one-strategy", strategy, "--one-fraction",
                            str(fraction), "--one-out", str(f), "--epochs", str(args.epochs),
-                           "--min-steps", str(args.min_steps)]
+                           "--min-steps", str(args.min_steps), "--device", args.device]
                     res = subprocess.run(cmd, capture_output=True, text=True)
                     print(f"{data} {fraction:g} {strategy}: " + ("ok" if res.returncode == 0 else res.stderr[-1500:]),
                           flush=True)

@@ -100,7 +100,7 @@ def main() -> None:
                 continue  # resumable
             r = one(model, args, out)
             print(f"{model}: FD {r['frechet_distance']:.2f}, TSTR/TRTR {r['tstr_over_trtr']:.2f}", flush=True)
-    print(f"budget: {args.budget_min} min of training per model (conditional, {args.data}, 28 px); "
+    print(f"training budget per model in the table (conditional, {args.data}, 28 px, one run each); "
           f"{args.n} samples judged; DDIM {args.steps} steps; peak RSS of this driver "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
     print(table(out, args.data))
