@@ -17,19 +17,24 @@ from pathlib import Path
 STRATEGIES = ["linear", "finetune", "bias", "lora", "adapter", "adaptformer", "prompt"]
 
 
-def one(args: argparse.Namespace) -> None:
+def one(args: argparse.Namespace, base: object = None) -> None:
+    """One strategy and fraction; ``base`` (a loaded run) saves reloading it in --in-process mode."""
+    import torch
+
     from medlatent.adapt.run import adapt_and_evaluate, load_base
     from medlatent.adapt.strategies import AdaptConfig
     from medlatent.eval.finetune import FinetuneConfig
 
-    base = load_base(args.one_run, device=args.device)
+    base = base or load_base(args.one_run, device=args.device)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     ft = FinetuneConfig(epochs=args.epochs, min_steps=args.min_steps, feature_norm=True)
     r = adapt_and_evaluate(base, AdaptConfig(strategy=args.one_strategy), args.one_fraction, 0, ft, device=args.device)
     Path(args.one_out).write_text(json.dumps(r, indent=2))
 
 
 def table(out: Path) -> str:
-    rows = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
+    rows = [r for f in sorted(out.glob("*.json")) if "strategy" in (r := json.loads(f.read_text()))]
     lines = ["| strategy | trainable params | % of encoder | data | labels | test ACC | test AUC | train time | peak memory |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     order = {s: i for i, s in enumerate(STRATEGIES)}
@@ -55,6 +60,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--min-steps", type=int, default=200)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run every cell in this process (peak RSS then is the largest so far; GPU peak is per cell)")
     ap.add_argument("--out-dir", default="benchmarks/out/adapt")
     ap.add_argument("--table-only", action="store_true")
     for name in ("run", "strategy", "fraction", "out"):  # internal: one combination in this process
@@ -64,6 +71,7 @@ def main() -> None:
         return one(args)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    loaded = None
     if not args.table_only:
         for spec in args.run:
             data, run = spec.split("=", 1)
@@ -72,6 +80,14 @@ def main() -> None:
                     f = out / f"{data}_{fraction:g}_{strategy}.json"
                     if f.exists():
                         continue  # resumable
+                    if args.in_process:  # one process for every cell (GPU: no start-up per cell)
+                        from medlatent.adapt.run import load_base
+
+                        loaded = loaded if loaded and loaded[0] == run else (run, load_base(run, device=args.device))
+                        one(argparse.Namespace(**{**vars(args), "one_run": run, "one_strategy": strategy,
+                                                  "one_fraction": fraction, "one_out": str(f)}), loaded[1])
+                        print(f"{data} {fraction:g} {strategy}: ok", flush=True)
+                        continue
                     cmd = [sys.executable, __file__, "--one-run", run, "--one-strategy", strategy, "--one-fraction",
                            str(fraction), "--one-out", str(f), "--epochs", str(args.epochs),
                            "--min-steps", str(args.min_steps), "--device", args.device]
