@@ -122,3 +122,15 @@ def test_time_budget_stops_with_a_checkpoint(tmp_path: Path):
     run, result = api.run_pretraining(tiny_config(data, epochs=50, time_budget_s=1e-9), output=tmp_path / "run")
     assert result.status == "budget" and result.step == 1
     assert checkpoint.latest(run / "checkpoints").step == 1
+
+
+def test_warmup_never_takes_the_whole_run(tmp_path: Path):
+    """Two warm-up epochs in a one-epoch run: the warm-up is capped at a fifth of the steps, so
+    the learning rate reaches its peak (it used to stop at half of it)."""
+    data = write_stripes_npz(tmp_path / "s.npz", n_train=256, n_val=64, n_test=64)
+    cfg = tiny_config(data, epochs=1, log_every=1)
+    assert cfg.optim.warmup_epochs == 2.0
+    run = api.pretrain(cfg, output=tmp_path / "run")
+    lrs = [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    peak = cfg.optim.lr * cfg.train.batch_size / 256
+    assert len(lrs) == 8 and max(lrs) == pytest.approx(peak, rel=0.05)
