@@ -267,3 +267,28 @@ def test_log_window_averages_terms_that_start_mid_window():
     window.add(torch.tensor(5.0), {"diffusion": torch.tensor(6.0)})
     record = window.flush(None, done=3, steps_per_epoch=3, lr=0.1, batch_size=2, wall0=0.0)  # type: ignore[arg-type]
     assert record["loss"] == 3.0 and record["autoencoder"] == 3.0 and record["diffusion"] == 6.0
+
+
+def test_ldm_diffusion_ema_warmup_counts_from_the_stage_switch():
+    """The first diffusion step's EMA uses decay min(ema, 1/10) (warm-up step 0), whatever the
+    run's global step: the EMA then sits 90 % of the way to the trained weights."""
+    from medlatent.generative.ldm import LDM, LDMConfig
+    from medlatent.generative.ddpm import DDPMConfig
+
+    torch.manual_seed(0)
+    cfg = LDMConfig(ae_channels=(8, 16), ae_fraction=0.5,
+                    diffusion=DDPMConfig(channels=(16, 32), attention_levels=(False, True), num_head_channels=16))
+    model = LDM(2, 1, 0, cfg)
+    x = torch.rand(4, 1, 8, 8) * 2 - 1
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    total = 40
+    for step in range(total // 2 + 1):  # 20 autoencoder steps, then the first diffusion step
+        if step == total // 2:
+            ema_before = [p.detach().clone() for p in model.diffusion.ema_unet.parameters()]
+        out = model([x])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        model.on_step_end(step, total)
+    for before, ema, live in zip(ema_before, model.diffusion.ema_unet.parameters(), model.diffusion.unet.parameters()):
+        assert torch.allclose(ema, 0.1 * before + 0.9 * live, atol=1e-6)

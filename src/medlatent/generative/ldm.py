@@ -79,8 +79,9 @@ class LDM(nn.Module):
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         self.total.fill_(total_steps)
-        if self.in_stage_2:
-            self.diffusion.on_step_end(step, total_steps)
+        if self.in_stage_2:  # the diffusion's EMA warm-up counts from the stage switch
+            start = int(self.cfg.ae_fraction * total_steps)
+            self.diffusion.on_step_end(step - start, total_steps - start)
         self.step.fill_(step + 1)
 
     @torch.no_grad()
