@@ -4,8 +4,12 @@ trained for the same wall-clock budget, then `medlatent restore evaluate` (PSNR/
 degraded input, the UNet, the UNet with data consistency where it applies, and scikit-image's
 non-local means, total variation and wavelet filters for the noise tasks); and autoencoders
 with several code sizes against JPEG at the same bytes (`medlatent restore rate-distortion`).
+With --diffusion-min / --dae-min it also trains, on clean images only, an unconditional DDPM
+(diffusion denoising by noise-level matching; k-space and inpainting by DDIM with data
+consistency) and a denoising autoencoder (noise at --dae-sigma), and re-evaluates the tasks with
+their rows; --palette-min trains conditional (Palette) diffusion on the Gaussian-noise pair.
 
-    python benchmarks/restoration.py --data pneumoniamnist --budget-min 4
+    python benchmarks/restoration.py --data pneumoniamnist --budget-min 4 --diffusion-min 15 --dae-min 3 --palette-min 10
     python benchmarks/restoration.py --table-only
 """
 
@@ -13,23 +17,79 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 from calibrate import epochs_for_budget, images_per_second, run_cli  # benchmarks/calibrate.py
 
-TASKS = ["denoise", "poisson", "kspace"]
+TASKS = ["denoise", "poisson", "kspace", "inpaint"]
 N_TRAIN = {"bloodmnist": 11959, "pneumoniamnist": 4708, "breastmnist": 546}
 
 
-def train_and_evaluate(task: str, args: argparse.Namespace, out: Path) -> None:
+def budgeted(train: list[str], run: Path, minutes: float, data: str, tmp: Path) -> None:
+    """`medlatent TRAIN --output RUN` with its epochs sized to `minutes`; skipped when RUN has
+    finished before (marker file, or an evaluation), restarted when it was cut off."""
+    marker = run / ".benchmark-trained"
+    if marker.exists() or (run / "restore_eval.json").exists():
+        return
+    shutil.rmtree(run, ignore_errors=True)
+    epochs = epochs_for_budget(images_per_second(train, tmp, 15.0), N_TRAIN.get(data, 10000), minutes * 60)
+    run_cli(*train, "--epochs", str(epochs), "--time-budget", str(minutes * 60), "--output", str(run))
+    marker.write_text(f"{minutes} min\n")
+
+
+def evaluate(run: Path, args: argparse.Namespace, extra: list[str]) -> None:
+    """`restore evaluate` unless restore_eval.json already holds the same extra runs."""
+    f = run / "restore_eval.json"
+    want = {"diffusion_run": None, "autoencoder_run": None}
+    want.update({k.strip("-") + "_run": v for k, v in zip(extra[::2], extra[1::2])})
+    if f.exists() and all(json.loads(f.read_text()).get(k) == v for k, v in want.items()):
+        return
+    run_cli("restore", "evaluate", str(run), "--n", str(args.n), *extra)
+
+
+def train_and_evaluate(task: str, args: argparse.Namespace, out: Path, extra: dict[str, list[str]]) -> None:
     run = out / f"run-{task}-{args.data}"
-    if not (run / "restore_eval.json").exists():
-        train = ["restore", "train", "--task", task, "--model", "unet", "--data", args.data]
-        epochs = epochs_for_budget(images_per_second(train, out / f".calibrate-{task}", 15.0),
-                                   N_TRAIN.get(args.data, 10000), args.budget_min * 60)
-        run_cli(*train, "--epochs", str(epochs), "--time-budget", str(args.budget_min * 60), "--output", str(run))
-        run_cli("restore", "evaluate", str(run), "--n", str(args.n))
+    budgeted(["restore", "train", "--task", task, "--model", "unet", "--data", args.data], run, args.budget_min,
+             args.data, out / f".calibrate-{task}")
+    evaluate(run, args, extra.get(task, []))
     print(f"{task}: done", flush=True)
+
+
+def clean_image_models(args: argparse.Namespace, out: Path) -> dict[str, list[str]]:
+    """Train the DDPM and the denoising autoencoder on clean images; the extra evaluate options
+    per task."""
+    extra: dict[str, list[str]] = {}
+    if args.diffusion_min:
+        ddpm = out / f"run-ddpm-{args.data}"
+        budgeted(["generate", "train", "--model", "ddpm", "--data", args.data, "--set", "train.batch_size=32",
+                  "--set", "optim.lr=1.6e-3"], ddpm, args.diffusion_min, args.data, out / ".calibrate-ddpm")
+        for task in ("denoise", "kspace", "inpaint"):
+            extra[task] = ["--diffusion", str(ddpm)]
+    if args.dae_min:
+        import numpy as np
+
+        from medlatent.data.medmnist import load_medmnist
+
+        std = float(np.std(load_medmnist(args.data, splits=("train",)).splits["train"].images.numpy() / 255.0))
+        dae = out / f"run-dae-{args.data}"
+        budgeted(["pretrain", "--method", "denoising-autoencoder", "--data", args.data,
+                  "--set", f"method_options.noise_std={args.dae_sigma / std:.3f}"], dae, args.dae_min, args.data,
+                 out / ".calibrate-dae")
+        for task in ("denoise", "poisson"):
+            extra[task] = extra.get(task, []) + ["--autoencoder", str(dae)]
+    print("clean-image models: done", flush=True)
+    return extra
+
+
+def palette(args: argparse.Namespace, out: Path) -> None:
+    """Paired image-to-image translation: conditional diffusion on (noisy, clean) pairs."""
+    run = out / f"run-palette-denoise-{args.data}"
+    budgeted(["restore", "train", "--task", "denoise", "--model", "diffusion", "--data", args.data,
+              "--set", "train.batch_size=32", "--set", "optim.lr=1.6e-3"], run, args.palette_min, args.data,
+             out / ".calibrate-palette")
+    evaluate(run, args, [])
+    print("palette: done", flush=True)
 
 
 def rate_distortion(args: argparse.Namespace, out: Path) -> None:
@@ -48,8 +108,8 @@ def rate_distortion(args: argparse.Namespace, out: Path) -> None:
 
 def table(out: Path, data: str) -> str:
     lines = ["| task | level | method | PSNR (dB) | SSIM |", "| --- | --- | --- | --- | --- |"]
-    for task in TASKS:
-        f = out / f"run-{task}-{data}" / "restore_eval.json"
+    for task, folder in [(t, t) for t in TASKS] + [("denoise", "palette-denoise")]:
+        f = out / f"run-{folder}-{data}" / "restore_eval.json"
         if f.exists():
             for r in json.loads(f.read_text())["rows"]:
                 lines.append(f"| {task} | {r['level_name']} | {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} |")
@@ -68,16 +128,23 @@ def main() -> None:
     ap.add_argument("--ae-epochs", type=int, default=10)
     ap.add_argument("--n", type=int, default=300, help="test images judged")
     ap.add_argument("--skip-rd", action="store_true")
+    ap.add_argument("--diffusion-min", type=float, default=0.0, help="DDPM on clean images (0: none)")
+    ap.add_argument("--dae-min", type=float, default=0.0, help="denoising autoencoder (0: none)")
+    ap.add_argument("--dae-sigma", type=float, default=0.5, help="its training noise, in [0, 1] units")
+    ap.add_argument("--palette-min", type=float, default=0.0, help="conditional diffusion, noisy -> clean (0: none)")
     ap.add_argument("--out-dir", default="benchmarks/out/restoration")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
+        extra = clean_image_models(args, out)
         for task in args.tasks:
-            train_and_evaluate(task, args, out)
+            train_and_evaluate(task, args, out, extra)
         if not args.skip_rd:
             rate_distortion(args, out)
+        if args.palette_min:
+            palette(args, out)
     print(f"{args.data}, first {args.n} test images; UNet budget {args.budget_min} min each")
     print(table(out, args.data))
 

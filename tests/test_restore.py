@@ -153,6 +153,34 @@ def test_rate_distortion_command(capsys, tmp_path: Path):
     code, out, err = run_cli(capsys, "restore", "rate-distortion", *runs, "--out", str(tmp_path / "rd.png"))
     assert code == 0 and "autoencoder (latent 8)" in out and "JPEG" in out, err
     assert (tmp_path / "rd.png").is_file() and (tmp_path / "rd.json").is_file()
+    # the same autoencoders as a denoising row beside the UNet; a non-autoencoder run is refused
+    den = tmp_path / "den"
+    code, _, err = run_cli(capsys, "restore", "train", "--task", "denoise", "--data", data, "--epochs", "1",
+                           "--batch-size", "16", "--output", str(den), "--set", "method_options.channels=[8,16]",
+                           "--set", "method_options.strides=[2]")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "restore", "evaluate", str(den), "--autoencoder", runs[0], "--n", "8")
+    assert code == 0 and out.count("denoising autoencoder") == 3, err  # one row per sigma
+    code, _, err = run_cli(capsys, "restore", "evaluate", str(den), "--autoencoder", str(den), "--n", "8")
+    assert code == 1 and "not an autoencoder run" in one_error_line(err)
+
+
+def test_autoencoder_denoise_undoes_the_run_standardisation():
+    from medlatent.restore.evaluate import autoencoder_denoise
+
+    class Stub(torch.nn.Module):
+        def __init__(self, scale: float) -> None:
+            super().__init__()
+            self.scale = scale
+
+        def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+            return self.scale * x
+
+    y = torch.rand(3, 2, 5, 5, generator=torch.Generator().manual_seed(0))
+    mean, std = [0.3, 0.6], [0.2, 0.1]
+    assert torch.allclose(autoencoder_denoise(Stub(1.0), mean, std, y), y, atol=1e-6)  # identity stays identity
+    flat = autoencoder_denoise(Stub(0.0), mean, std, y)  # a zero code decodes to the channel means
+    assert torch.allclose(flat[:, 0], torch.full_like(flat[:, 0], 0.3)) and torch.allclose(flat[:, 1], torch.full_like(flat[:, 1], 0.6))
 
 
 def test_paired_diffusion_trains_and_restores_consistently():

@@ -459,17 +459,19 @@ def restore_train(task: str, model: str, data_name: str | None, epochs: int, bat
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--diffusion", "diffusion_run", default=None, type=click.Path(file_okay=False),
               help="A ddpm run trained on clean images of the same data: adds diffusion restoration.")
+@click.option("--autoencoder", "autoencoder_run", default=None, type=click.Path(file_okay=False),
+              help="A (denoising-)autoencoder run on clean images of the same data: adds its row (noise tasks).")
 @click.option("--n", type=int, default=500, show_default=True, help="Test images.")
 @click.option("--steps", type=int, default=20, show_default=True, help="DDIM steps (x2 for consistency sampling).")
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
-def restore_evaluate(run: str, diffusion_run: str | None, n: int, steps: int, data_dir: str | None,
-                     device: str) -> None:
+def restore_evaluate(run: str, diffusion_run: str | None, autoencoder_run: str | None, n: int, steps: int,
+                     data_dir: str | None, device: str) -> None:
     """PSNR and SSIM per degradation level: degraded input, UNet (+ data consistency), classical
     filters (scikit-image) and diffusion."""
     from medlatent.restore.evaluate import evaluate_run
 
-    r = evaluate_run(run, diffusion_run, n, steps, data_dir, device)
+    r = evaluate_run(run, diffusion_run, n, steps, data_dir, device, autoencoder_run)
     click.echo(f"{r['data']} test, {r['n_images']} images")
     click.echo(f"{'level':14} {'method':30} {'PSNR':>7} {'SSIM':>6}")
     for row in r["rows"]:

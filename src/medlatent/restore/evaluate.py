@@ -1,6 +1,9 @@
 """Restoration benchmarks on a test split: the degraded input, the UNet (with and without data
-consistency), classical filters (scikit-image, when installed) and diffusion (a DDPM trained on
-clean images), by PSNR and SSIM (MONAI's metrics, data range 1).
+consistency), classical filters (scikit-image, when installed), a (denoising) autoencoder and
+diffusion (a DDPM trained on clean images), by PSNR and SSIM (MONAI's metrics, data range 1).
+
+Autoencoder denoising: the noisy image, standardised as the autoencoder run was, goes through
+encoder -> bottleneck -> decoder (Vincent et al. 2008); the bottleneck is what removes noise.
 
 Diffusion restoration, with a DDPM that never saw a degraded image:
 * Gaussian denoising: a noisy image y = x + sigma n is, after scaling by sqrt(alpha_bar_t), a
@@ -58,6 +61,15 @@ def classical(y: torch.Tensor, sigma: float) -> dict[str, torch.Tensor]:
     return as_tensor
 
 
+def autoencoder_denoise(ae: torch.nn.Module, mean: list[float], std: list[float], y: torch.Tensor) -> torch.Tensor:
+    """(B, C, *S) noisy in [0, 1] -> the autoencoder's reconstruction in [0, 1], in the run's
+    standardisation (``mean``/``std`` per channel, from its data.json)."""
+    shape = (1, -1, *([1] * (y.dim() - 2)))
+    m = torch.tensor(mean, device=y.device).view(shape)
+    s = torch.tensor(std, device=y.device).view(shape)
+    return (ae.reconstruct((y - m) / s) * s + m).clamp(0, 1)
+
+
 def _eps(ddpm: torch.nn.Module) -> Callable:
     def eps(x: torch.Tensor, t: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         null = torch.full((len(x),), ddpm.null_label, device=x.device) if ddpm.n_classes else None
@@ -104,8 +116,10 @@ def levels(cfg: Any) -> list[float]:
 
 @torch.no_grad()
 def benchmark(restorer: torch.nn.Module, clean: torch.Tensor, ddpm: torch.nn.Module | None = None,
-              diffusion_steps: int = 20, batch: int = 250, seed: int = 0) -> list[dict[str, Any]]:
-    """Rows {level, method, psnr, ssim} on ``clean`` (N, C, *S) in [0, 1] for each degradation level."""
+              diffusion_steps: int = 20, batch: int = 250, seed: int = 0,
+              autoencoder: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[dict[str, Any]]:
+    """Rows {level, method, psnr, ssim} on ``clean`` (N, C, *S) in [0, 1] for each degradation
+    level. ``autoencoder``: noisy -> denoised (see ``autoencoder_denoise``), for the noise tasks."""
     task = restorer.cfg.task
     rows = []
     for level in levels(restorer.cfg):
@@ -121,6 +135,8 @@ def benchmark(restorer: torch.nn.Module, clean: torch.Tensor, ddpm: torch.nn.Mod
                 found[f"{restorer.label} + data consistency"] = make_consistent(found[restorer.label], d, task)
             if task == "denoise":
                 found.update(classical(d["input"].cpu(), level))
+            if autoencoder is not None and task in ("denoise", "poisson"):
+                found["denoising autoencoder"] = autoencoder(d["input"])
             if ddpm is not None and task == "denoise":
                 found["diffusion (DDPM)"] = diffusion_denoise(ddpm, d["input"], level, diffusion_steps, g)
             if ddpm is not None and task in ("kspace", "inpaint"):
@@ -139,10 +155,13 @@ def level_name(task: str, level: float) -> str:
 
 @torch.no_grad()
 def evaluate_run(run_dir: str, diffusion_run: str | None = None, n: int = 500, diffusion_steps: int = 20,
-                 data_dir: str | None = None, device: str = "auto") -> dict[str, Any]:
+                 data_dir: str | None = None, device: str = "auto",
+                 autoencoder_run: str | None = None) -> dict[str, Any]:
     """``benchmark`` on the first n test images of the run's data; writes ``restore_eval.json``
-    and ``restore_examples.png`` (rows: methods at the first level, columns: images)."""
+    and ``restore_examples.png`` (rows: methods at the first level, columns: images).
+    ``autoencoder_run``: an autoencoder / denoising-autoencoder run on clean images."""
     import dataclasses
+    import functools
     import json
     import os
     from pathlib import Path
@@ -163,15 +182,26 @@ def evaluate_run(run_dir: str, diffusion_run: str | None = None, n: int = 500, d
         raise ConfigError(f"{run_dir}: a {cfg.method} run is not a restoration run (medlatent restore train)")
     restorer, meta, step = load_method(run_dir, dev)
     ddpm = load_method(diffusion_run, dev)[0] if diffusion_run else None
+    ae = None
+    if autoencoder_run:
+        ae_cfg = RunDir(Path(autoencoder_run)).read_config()
+        if ae_cfg.method not in ("autoencoder", "denoising-autoencoder"):
+            from medlatent.errors import ConfigError
+
+            raise ConfigError(f"{autoencoder_run}: a {ae_cfg.method} run is not an autoencoder run")
+        ae_method, ae_meta, _ = load_method(autoencoder_run, dev)
+        ae = functools.partial(autoencoder_denoise, ae_method, ae_meta["mean"], ae_meta["std"])
     data = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir if data_dir is not None else cfg.data.data_dir))
     clean = to_float(data.split("test").images[:n]).to(dev)
-    rows = benchmark(restorer, clean, ddpm, diffusion_steps)
+    rows = benchmark(restorer, clean, ddpm, diffusion_steps, autoencoder=ae)
     # example figure: the first level, 8 images, every method
     g = torch.Generator().manual_seed(0)
     x = clean[:8]
     first = levels(restorer.cfg)[0]
     d = restorer.degrade(x, g, first)
     shown = {"clean": x, "degraded": d["input"].clamp(0, 1), restorer.label: restorer.restore(d)}
+    if ae is not None and restorer.cfg.task in ("denoise", "poisson"):
+        shown["autoencoder"] = ae(d["input"])
     if ddpm is not None and restorer.cfg.task == "denoise":
         shown["diffusion"] = diffusion_denoise(ddpm, d["input"], first, diffusion_steps, g)
     elif ddpm is not None:
@@ -179,7 +209,7 @@ def evaluate_run(run_dir: str, diffusion_run: str | None = None, n: int = 500, d
     fig = sample_grid_figure([display_images(v.clamp(0, 1).cpu()) for v in shown.values()], list(shown),
                              f"{data.name}: {restorer.cfg.task} ({level_name(restorer.cfg.task, first)})",
                              Path(run_dir) / "restore_examples.png")
-    result = dict(run=str(run_dir), diffusion_run=diffusion_run, data=data.name, n_images=len(clean), step=step,
+    result = dict(run=str(run_dir), diffusion_run=diffusion_run, autoencoder_run=autoencoder_run, data=data.name, n_images=len(clean), step=step,
                   rows=[dict(r, level_name=level_name(r["task"], r["level"])) for r in rows], figure=str(fig))
     out = Path(run_dir) / "restore_eval.json"
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
