@@ -32,9 +32,16 @@ def n_normal(data: str, normal: list[int]) -> int:
     return int(np.isin(labels.numpy().reshape(-1), normal).sum())
 
 
-def one(data: str, normal: list[int], detector: str, args: argparse.Namespace, encoders: dict[str, str]) -> dict:
+def result_dir(out_dir: str, data: str, normal: list[int], detector: str, score: str) -> Path:
+    """One folder per (protocol, detector, score); the L2 folders keep their original names."""
+    suffix = "" if score == "l2" else f"_{score}"
+    return Path(out_dir) / f"{data}_{'-'.join(map(str, normal))}_{detector}{suffix}"
+
+
+def one(data: str, normal: list[int], detector: str, score: str, args: argparse.Namespace,
+        encoders: dict[str, str]) -> dict:
     tag = f"{data}_{'-'.join(map(str, normal))}_{detector}"
-    out = Path(args.out_dir) / tag
+    out = result_dir(args.out_dir, data, normal, detector, score)
     normal_s = ",".join(map(str, normal))
     if detector == "knn":
         if data not in encoders:
@@ -49,7 +56,7 @@ def one(data: str, normal: list[int], detector: str, args: argparse.Namespace, e
             ips = images_per_second(fit, Path(args.out_dir) / f".calibrate-{tag}", seconds=15.0)
             epochs = epochs_for_budget(ips, n_normal(data, normal), budget_s)
             run_cli(*fit, "--epochs", str(epochs), "--time-budget", str(budget_s), "--output", str(run))
-        run_cli("anomaly", "score", str(run), "--score", args.score, "--out", str(out))
+        run_cli("anomaly", "score", str(run), "--score", score, "--out", str(out))
     return json.loads((out / "anomaly.json").read_text())
 
 
@@ -59,25 +66,28 @@ def main() -> None:
     ap.add_argument("--detectors", nargs="+", default=DETECTORS)
     ap.add_argument("--encoder", action="append", default=[], help="DATA=RUN for the k-NN feature detector")
     ap.add_argument("--budget-min", type=float, default=3.0)
-    ap.add_argument("--score", default="l2")
+    ap.add_argument("--scores", nargs="+", default=["l2"], choices=["l2", "l1", "ssim"],
+                    help="pixel scores for the reconstruction detectors (k-NN: feature distance)")
     ap.add_argument("--out-dir", default="benchmarks/out/anomaly")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     encoders = dict(e.split("=", 1) for e in args.encoder)
-    results: dict[tuple[str, str], list[dict]] = {}
+    results: dict[tuple[str, str, str], list[dict]] = {}
     for data in args.data:
         for detector in args.detectors:
-            for normal in PROTOCOLS[data]:
-                f = Path(args.out_dir) / f"{data}_{'-'.join(map(str, normal))}_{detector}" / "anomaly.json"
-                r = json.loads(f.read_text()) if f.exists() else ({} if args.table_only else
-                                                                  one(data, normal, detector, args, encoders))
-                if r:
-                    results.setdefault((data, detector), []).append(r)
-    print(f"budget {args.budget_min} min of training per detector and protocol; score {args.score}; "
-          f"threshold mean + 3 std of normal val scores")
-    print("| data | detector | AUROC | AUPRC | sensitivity | specificity | protocols |")
+            for score in (["feature"] if detector == "knn" else args.scores):
+                for normal in PROTOCOLS[data]:
+                    f = result_dir(args.out_dir, data, normal, detector, score if detector != "knn" else "l2")
+                    f = f / "anomaly.json"
+                    r = json.loads(f.read_text()) if f.exists() else (
+                        {} if args.table_only else one(data, normal, detector, score, args, encoders))
+                    if r:
+                        results.setdefault((data, detector, score), []).append(r)
+    print(f"budget {args.budget_min} min of training per detector and protocol; "
+          f"threshold mean + 3 std of normal val scores; one-vs-rest rows are means over the protocols")
+    print("| data | detector, score | AUROC | AUPRC | sensitivity | specificity | protocols |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    for (data, detector), rs in results.items():
+    for (data, detector, score), rs in results.items():
         mean = {k: sum(r[k] for r in rs) / len(rs) for k in ("auroc", "auprc", "sensitivity", "specificity")}
         print(f"| {data} | {rs[0]['detector']} | {mean['auroc']:.3f} | {mean['auprc']:.3f} | "
               f"{mean['sensitivity']:.3f} | {mean['specificity']:.3f} | {len(rs)} |")

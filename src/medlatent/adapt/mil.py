@@ -90,9 +90,9 @@ def train_mil(model: nn.Module, inputs: torch.Tensor, bag_y: torch.Tensor, steps
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for _ in range(steps):
-        i = torch.randint(0, len(inputs), (min(batch, len(inputs)),), generator=g)
-        logits, _ = model(inputs[i])
-        loss = F.binary_cross_entropy_with_logits(logits, bag_y[i].float())
+        i = torch.randint(0, len(inputs), (min(batch, len(inputs)),), generator=g)  # CPU generator: same bags on any device
+        logits, _ = model(inputs[i.to(inputs.device)])
+        loss = F.binary_cross_entropy_with_logits(logits, bag_y[i].float().to(logits.device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -105,7 +105,7 @@ def evaluate_mil(model: nn.Module, inputs: torch.Tensor, bag_y: torch.Tensor, po
     """Bag AUC and ACC, and the share of attention mass on positive instances in positive bags."""
     model.eval()
     logits, att = zip(*(model(inputs[i:i + batch]) for i in range(0, len(inputs), batch)))
-    s, a = torch.cat(logits), torch.cat(att)  # (n,), (n, N)
+    s, a = torch.cat(logits).float().cpu(), torch.cat(att).float().cpu()  # (n,), (n, N)
     p = bag_y.bool()
     mass = (a[p] * positive[p]).sum(1).mean()  # attention on the positive images of positive bags
     share = positive[p].float().mean()  # ... what uniform attention would give

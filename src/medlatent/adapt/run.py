@@ -135,19 +135,20 @@ def run_mil(base: Base, positive_class: int, bag_size: int = 16, n_bags: int = 4
         raise DataError(f"--positive-class {positive_class}: {data.name} has classes 0..{data.n_classes - 1}")
     split_bags = {s: make_bags(data.split(s).labels, positive_class, n, bag_size, seed + i)
                   for i, (s, n) in enumerate((("train", n_bags), ("test", max(2, n_bags // 2))))}
-    encoder = base.encoder.cpu().eval()
+    encoder = base.encoder.eval()
+    dev = next(encoder.parameters()).device  # the device the base was loaded on (--device)
     if prompts:
         vit = adapt_frozen(encoder)
-        model: nn.Module = PromptMIL(PromptedViT(vit, prompts, deep=False))
-        m, s = torch.tensor(base.mean), torch.tensor(base.std)
+        model: nn.Module = PromptMIL(PromptedViT(vit, prompts, deep=False)).to(dev)
+        m, s = torch.tensor(base.mean, device=dev), torch.tensor(base.std, device=dev)
 
         def inputs(split: str) -> torch.Tensor:
             idx = split_bags[split][0]
-            x = ops.normalize(to_float(data.split(split).images[idx.flatten()]), m, s)
+            x = ops.normalize(to_float(data.split(split).images[idx.flatten()].to(dev)), m, s)
             return x.view(*idx.shape, *x.shape[1:])  # (bags, N, C, *S)
     else:
-        model = AttentionMIL(encoder.out_dim)
-        feats = {sp: extract_features(encoder, data.split(sp).images, base.mean, base.std, torch.device("cpu"))
+        model = AttentionMIL(encoder.out_dim).to(dev)
+        feats = {sp: extract_features(encoder, data.split(sp).images, base.mean, base.std, dev).to(dev)
                  for sp in split_bags}
 
         def inputs(split: str) -> torch.Tensor:
