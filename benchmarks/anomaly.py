@@ -65,6 +65,8 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=list(PROTOCOLS))
     ap.add_argument("--detectors", nargs="+", default=DETECTORS)
     ap.add_argument("--encoder", action="append", default=[], help="DATA=RUN for the k-NN feature detector")
+    ap.add_argument("--normal-classes", nargs="+", type=int, default=None,
+                    help="only the protocols whose normal class is one of these (to split one-vs-rest over cores)")
     ap.add_argument("--budget-min", type=float, default=3.0)
     ap.add_argument("--scores", nargs="+", default=["l2"], choices=["l2", "l1", "ssim"],
                     help="pixel scores for the reconstruction detectors (k-NN: feature distance)")
@@ -76,7 +78,7 @@ def main() -> None:
     for data in args.data:
         for detector in args.detectors:
             for score in (["feature"] if detector == "knn" else args.scores):
-                for normal in PROTOCOLS[data]:
+                for normal in [p for p in PROTOCOLS[data] if args.normal_classes is None or p[0] in args.normal_classes]:
                     f = result_dir(args.out_dir, data, normal, detector, score if detector != "knn" else "l2")
                     f = f / "anomaly.json"
                     r = json.loads(f.read_text()) if f.exists() else (
