@@ -298,8 +298,15 @@ def rate_distortion_figure(rows: list[dict], title: str, out: Path) -> Path:
         rs = sorted(rs, key=lambda r: r["bytes"])
         for ax, metric in zip(axes, ("psnr", "ssim")):
             ax.plot([r["bytes"] for r in rs], [r[metric] for r in rs], "o-", label=name)
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    nbytes = [r["bytes"] for r in rows]
+    ticks = [t * 10 ** e for e in range(6) for t in (1, 2, 5) if min(nbytes) <= t * 10 ** e <= max(nbytes) * 1.2]
     for ax, label in zip(axes, ("PSNR (dB)", "SSIM")):
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(ticks))  # 10, 20, 50, 100 ...: no crowded minor labels
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("bytes per image")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
