@@ -2,6 +2,7 @@
 budget on this machine, each in its own process (so peak memory is its own), then one table.
 
     python benchmarks/ssl_methods.py --budget-min 8          # CPU: ResNet-18/4 and ViT-tiny
+    python benchmarks/ssl_methods.py --budget-min 1 --resnet resnet18 --batch-size 512   # GPU
     python benchmarks/ssl_methods.py --table-only             # re-print the table from results
 """
 
@@ -40,7 +41,7 @@ def table(out_dir: Path, datasets: list[str]) -> str:
     lines = []
     for data in datasets:
         lines.append(f"\n**{data}** (test split)\n")
-        lines.append("| method | backbone | epochs | img/s | peak RSS | k-NN ACC | k-NN AUC | linear ACC | linear AUC |")
+        lines.append("| method | backbone | epochs | img/s | peak memory | k-NN ACC | k-NN AUC | linear ACC | linear AUC |")
         lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for name in METHODS:
             f = out_dir / f"{name}_{data}.json"
@@ -48,8 +49,9 @@ def table(out_dir: Path, datasets: list[str]) -> str:
                 continue
             r = json.loads(f.read_text())
             k, lin = r["knn_test"], r["linear_test"]
+            memory = (f"{r['peak_gpu_gib']:.1f} GiB GPU" if r.get("peak_gpu_gib") else f"{r['peak_rss_gib']:.1f} GiB RSS")
             lines.append(f"| {name} | {r['backbone']} | {r['epochs']} | {r['images_per_s_median']:.0f} | "
-                         f"{r['peak_rss_gib']:.1f} GiB | {k['acc']:.3f} | {k['auc']:.3f} | {lin['acc']:.3f} | "
+                         f"{memory} | {k['acc']:.3f} | {k['auc']:.3f} | {lin['acc']:.3f} | "
                          f"{lin['auc']:.3f} |")
         for name, lin_acc, lin_auc, knn_acc, _ in PUBLISHED.get(data, []):
             lines.append(f"| *{name}* | | | | | {knn_acc if knn_acc else ''} | | {lin_acc:.3f} | "
@@ -62,6 +64,9 @@ def main() -> None:
     ap.add_argument("--budget-min", type=float, default=8.0)
     ap.add_argument("--data", nargs="+", default=["bloodmnist", "pneumoniamnist"])
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--resnet", default="resnet18-quarter", help="backbone of the ResNet methods")
+    ap.add_argument("--vit", default="vit-tiny", help="backbone of the patch-token methods (MAE, I-JEPA)")
+    ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--out-dir", default="benchmarks/out/ssl_methods")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
@@ -72,10 +77,11 @@ def main() -> None:
                 if (out / f"{name}_{data}.json").exists():
                     continue  # resumable: finished pairs are kept
                 backbone, sets = METHODS[name]
+                backbone = args.vit if backbone.startswith("vit") else args.resnet
                 method = name.split("-triplet")[0]
                 cmd = [sys.executable, "benchmarks/pretrain_probe.py", "--method", method, "--data", data,
                        "--backbone", backbone, "--budget-min", str(args.budget_min), "--out-dir", str(out),
-                       "--name", name]
+                       "--name", name, "--batch-size", str(args.batch_size)]
                 for s in sets:
                     cmd += ["--set", s]
                 print(" ".join(cmd), flush=True)
