@@ -41,6 +41,10 @@ class RestoreConfig:
     # UNet widths per level and strides between them (28 -> 14 -> 7 px).
     channels: tuple[int, ...] = (32, 64, 128)
     strides: tuple[int, ...] = (2, 2)
+    # Normalisation in the UNet. "batch" (as DnCNN): per-image normalisation ("instance",
+    # MONAI's default) divides out each image's feature scale, so a blind denoiser cannot see
+    # how strong the noise is and predicts residuals of one size for every sigma.
+    norm: Literal["batch", "instance"] = "batch"
 
 
 def degrade(x: torch.Tensor, c: RestoreConfig, g: torch.Generator | None = None, level: float | None = None
@@ -89,7 +93,8 @@ class Restorer(nn.Module):
         if len(cfg.strides) != len(cfg.channels) - 1:
             raise ConfigError("restore: strides needs one entry fewer than channels")
         extra = 1 if cfg.task == "inpaint" else 0
-        self.unet = UNet(spatial_dims, channels + extra, channels, cfg.channels, cfg.strides, num_res_units=1)
+        self.unet = UNet(spatial_dims, channels + extra, channels, cfg.channels, cfg.strides, num_res_units=1,
+                         norm=cfg.norm)
         self.cfg, self.channels = cfg, channels
 
     @property
