@@ -207,3 +207,21 @@ def test_paired_diffusion_trains_and_restores_consistently():
         if task == "inpaint":  # known pixels are kept exactly
             known = d["mask"].bool().expand_as(x)
             assert torch.allclose(out[known], x[known])
+
+
+def test_default_unet_sees_the_noise_level():
+    """A blind denoiser must know how strong the noise is. MONAI's UNet with per-image
+    (instance) norm normalises its one-channel output map before the last conv, so the residual
+    it predicts has the same size for a 10x weaker input; the default (batch norm) keeps the scale."""
+    from medlatent.restore.tasks import Restorer, RestoreConfig
+
+    y = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+    def growth(norm: str | None) -> float:  # residual std for y / for 0.1 y
+        torch.manual_seed(0)
+        m = Restorer(2, 1, RestoreConfig(norm=norm) if norm else RestoreConfig()).eval()
+        with torch.no_grad():
+            return float((m.unet(y).std(dim=(1, 2, 3)) / m.unet(0.1 * y).std(dim=(1, 2, 3))).mean())
+
+    assert 0.9 < growth("instance") < 1.1
+    assert growth(None) > 1.5
