@@ -41,9 +41,10 @@ class RestoreConfig:
     # UNet widths per level and strides between them (28 -> 14 -> 7 px).
     channels: tuple[int, ...] = (32, 64, 128)
     strides: tuple[int, ...] = (2, 2)
-    # Normalisation in the UNet. "batch" (as DnCNN): per-image normalisation ("instance",
-    # MONAI's default) divides out each image's feature scale, so a blind denoiser cannot see
-    # how strong the noise is and predicts residuals of one size for every sigma.
+    # Normalisation in the UNet. "batch" (as DnCNN). With "instance" (MONAI's default) the
+    # one-channel map before the UNet's last conv is normalised per image, so the predicted
+    # residual has one size whatever the noise level: a blind denoiser then cannot follow sigma
+    # (measured: 3 dB worse at sigma 0.25 after 200 steps on PneumoniaMNIST).
     norm: Literal["batch", "instance"] = "batch"
 
 
