@@ -83,7 +83,8 @@ def main() -> None:
     for data in args.data:
         for detector in args.detectors:
             for score in (["feature"] if detector == "knn" else args.scores):
-                for normal in [p for p in PROTOCOLS[data] if args.normal_classes is None or p[0] in args.normal_classes]:
+                wanted = [p for p in PROTOCOLS[data] if args.normal_classes is None or p[0] in args.normal_classes]
+                for normal in wanted:
                     f = result_dir(args.out_dir, data, normal, detector, score if detector != "knn" else "l2")
                     f = f / "anomaly.json"
                     r = json.loads(f.read_text()) if f.exists() else (

@@ -180,7 +180,8 @@ def test_autoencoder_denoise_undoes_the_run_standardisation():
     mean, std = [0.3, 0.6], [0.2, 0.1]
     assert torch.allclose(autoencoder_denoise(Stub(1.0), mean, std, y), y, atol=1e-6)  # identity stays identity
     flat = autoencoder_denoise(Stub(0.0), mean, std, y)  # a zero code decodes to the channel means
-    assert torch.allclose(flat[:, 0], torch.full_like(flat[:, 0], 0.3)) and torch.allclose(flat[:, 1], torch.full_like(flat[:, 1], 0.6))
+    assert torch.allclose(flat[:, 0], torch.full_like(flat[:, 0], 0.3))
+    assert torch.allclose(flat[:, 1], torch.full_like(flat[:, 1], 0.6))
 
 
 def test_paired_diffusion_trains_and_restores_consistently():

@@ -90,7 +90,8 @@ def train_mil(model: nn.Module, inputs: torch.Tensor, bag_y: torch.Tensor, steps
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for _ in range(steps):
-        i = torch.randint(0, len(inputs), (min(batch, len(inputs)),), generator=g)  # CPU generator: same bags on any device
+        # a CPU generator: the same bags on any device
+        i = torch.randint(0, len(inputs), (min(batch, len(inputs)),), generator=g)
         logits, _ = model(inputs[i.to(inputs.device)])
         loss = F.binary_cross_entropy_with_logits(logits, bag_y[i].float().to(logits.device))
         opt.zero_grad(set_to_none=True)

@@ -209,7 +209,8 @@ def evaluate_run(run_dir: str, diffusion_run: str | None = None, n: int = 500, d
     fig = sample_grid_figure([display_images(v.clamp(0, 1).cpu()) for v in shown.values()], list(shown),
                              f"{data.name}: {restorer.cfg.task} ({level_name(restorer.cfg.task, first)})",
                              Path(run_dir) / "restore_examples.png")
-    result = dict(run=str(run_dir), diffusion_run=diffusion_run, autoencoder_run=autoencoder_run, data=data.name, n_images=len(clean), step=step,
+    result = dict(run=str(run_dir), diffusion_run=diffusion_run, autoencoder_run=autoencoder_run, data=data.name,
+                  n_images=len(clean), step=step,
                   rows=[dict(r, level_name=level_name(r["task"], r["level"])) for r in rows], figure=str(fig))
     out = Path(run_dir) / "restore_eval.json"
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
