@@ -21,10 +21,10 @@ from pathlib import Path
 VARIANTS = {"attention": 0, "prompt": 4}  # name -> prompt tokens (0: attention MIL on frozen embeddings)
 
 
-def one(data: str, run: str, positive: int, prompts: int, steps: int, out: Path) -> dict:
+def one(data: str, run: str, positive: int, prompts: int, steps: int, out: Path, device: str) -> dict:
     from medlatent.adapt.run import load_base, run_mil
 
-    base = load_base(run, data, None, None, "cpu")
+    base = load_base(run, data, None, None, device)
     t0 = time.perf_counter()
     r = run_mil(base, positive, bag_size=16, n_bags=400, prompts=prompts, steps=steps,
                 figure=out.with_suffix(".png"))
@@ -38,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", action="append", default=[], help="DATA=RUN:POSITIVE_CLASS (repeatable)")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--device", default="auto", help="cpu, cuda or auto (the rows in the README say which)")
     ap.add_argument("--out-dir", default="benchmarks/out/mil")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
@@ -50,7 +51,7 @@ def main() -> None:
             for name, prompts in VARIANTS.items():
                 f = out / f"{data}_{name}.json"
                 if not f.exists():  # resumable
-                    r = one(data, run, int(positive), prompts, args.steps, f)
+                    r = one(data, run, int(positive), prompts, args.steps, f, args.device)
                     print(f"{data} {name}: bag AUC {r['auc']:.3f}", flush=True)
     print("| data (positive class) | method | bag AUC | bag ACC | attention on positives | uniform share | time | peak RSS |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

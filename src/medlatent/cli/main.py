@@ -491,19 +491,15 @@ def restore_rate_distortion(runs: tuple[str, ...], n: int, out: str, data_dir: s
 
     from medlatent.data.sources import load_dataset
     from medlatent.data.store import to_float
-    from medlatent.errors import ConfigError
-    from medlatent.eval.session import load_method
     from medlatent.report.figures import rate_distortion_figure
-    from medlatent.restore.compression import autoencoder_point, jpeg_curve
+    from medlatent.restore.compression import autoencoder_point, jpeg_curve, load_autoencoder
     from medlatent.train.runs import RunDir
 
     rows, data = [], None
     for run in runs:
-        cfg = RunDir(Path(run)).read_config()
-        if cfg.method not in ("autoencoder", "denoising-autoencoder"):
-            raise ConfigError(f"{run}: a {cfg.method} run has no latent code to store (use autoencoder runs)")
-        method, meta, _ = load_method(run, "cpu")
+        method, meta = load_autoencoder(run, "cpu")
         if data is None:
+            cfg = RunDir(Path(run)).read_config()
             data = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir or cfg.data.data_dir))
             images = to_float(data.split("test").images[:n])
         rows.append(dict(autoencoder_point(method, images, meta["mean"], meta["std"]), run=run))

@@ -65,6 +65,25 @@ def jpeg_curve(images: torch.Tensor, qualities: tuple[int, ...] = (1, 5, 10, 20,
 
 
 @torch.no_grad()
+def load_autoencoder(run_dir: str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """An autoencoder or denoising-autoencoder run's model and metadata (mean/std).
+
+    Raises:
+        ConfigError: the run is another method.
+    """
+    from pathlib import Path
+
+    from medlatent.errors import ConfigError
+    from medlatent.eval.session import load_method
+    from medlatent.train.runs import RunDir
+
+    method = RunDir(Path(run_dir)).read_config().method
+    if method not in ("autoencoder", "denoising-autoencoder"):
+        raise ConfigError(f"{run_dir}: a {method} run is not an autoencoder run (autoencoder, denoising-autoencoder)")
+    model, meta, _ = load_method(run_dir, device)
+    return model, meta
+
+
 def autoencoder_point(method: torch.nn.Module, images: torch.Tensor, mean: list[float], std: list[float]
                       ) -> dict[str, float]:
     """Bytes per image and PSNR/SSIM of an autoencoder run with 8-bit quantised codes."""

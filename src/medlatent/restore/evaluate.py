@@ -184,12 +184,9 @@ def evaluate_run(run_dir: str, diffusion_run: str | None = None, n: int = 500, d
     ddpm = load_method(diffusion_run, dev)[0] if diffusion_run else None
     ae = None
     if autoencoder_run:
-        ae_cfg = RunDir(Path(autoencoder_run)).read_config()
-        if ae_cfg.method not in ("autoencoder", "denoising-autoencoder"):
-            from medlatent.errors import ConfigError
+        from medlatent.restore.compression import load_autoencoder
 
-            raise ConfigError(f"{autoencoder_run}: a {ae_cfg.method} run is not an autoencoder run")
-        ae_method, ae_meta, _ = load_method(autoencoder_run, dev)
+        ae_method, ae_meta = load_autoencoder(autoencoder_run, dev)
         ae = functools.partial(autoencoder_denoise, ae_method, ae_meta["mean"], ae_meta["std"])
     data = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir if data_dir is not None else cfg.data.data_dir))
     clean = to_float(data.split("test").images[:n]).to(dev)
