@@ -15,6 +15,6 @@ timeout 230 python3 benchmarks/pretrain_probe.py --method mae --backbone vit-tin
 RUN=$(ls -d /tmp/b/run-mae-* | head -1)
 timeout 330 python3 benchmarks/adapt_strategies.py --run "$D=$RUN" --epochs 5 --min-steps 200 --device cuda --in-process \
     --out-dir /tmp/adapt | tee -a "$OUT/gpu_$D.txt"
-timeout 70 python3 benchmarks/mil.py --run "$D=$RUN:$POSITIVE" --out-dir /tmp/mil | tee -a "$OUT/gpu_$D.txt"
+timeout 70 python3 benchmarks/mil.py --run "$D=$RUN:$POSITIVE" --device cuda --out-dir /tmp/mil | tee -a "$OUT/gpu_$D.txt"
 cp /tmp/b/mae_"$D".json /tmp/adapt/ 2>/dev/null
 tar czf "$OUT/results_$D.tgz" -C /tmp adapt mil
