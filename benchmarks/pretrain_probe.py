@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--out-dir", default="benchmarks/out")
     ap.add_argument("--keep-run", action="store_true")
     ap.add_argument("--name", default=None, help="result file name (default: the method)")
+    ap.add_argument("--calibrate-s", type=float, default=20.0,
+                    help="length of the throwaway img/s run (a GPU needs fewer seconds than a CPU)")
     args = ap.parse_args()
     out_dir = Path(args.out_dir)
     budget_s = args.budget_min * 60
@@ -88,7 +90,7 @@ def main() -> None:
     epochs = args.epochs
     ips_calibrated = None
     if not epochs:
-        ips_calibrated = calibrate(args, out_dir)
+        ips_calibrated = calibrate(args, out_dir, args.calibrate_s)
         epochs = max(1, int(0.92 * budget_s * ips_calibrated / n_train))  # 8 % margin for checkpoints
     cfg = make_config(args, epochs, budget_s)
     run_dir = out_dir / f"run-{args.method}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--resnet", default="resnet18-quarter", help="backbone of the ResNet methods")
     ap.add_argument("--vit", default="vit-tiny", help="backbone of the patch-token methods (MAE, I-JEPA)")
     ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--calibrate-s", type=float, default=20.0, help="seconds of the img/s calibration run")
     ap.add_argument("--out-dir", default="benchmarks/out/ssl_methods")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
@@ -81,7 +82,8 @@ def main() -> None:
                 method = name.split("-triplet")[0]
                 cmd = [sys.executable, "benchmarks/pretrain_probe.py", "--method", method, "--data", data,
                        "--backbone", backbone, "--budget-min", str(args.budget_min), "--out-dir", str(out),
-                       "--name", name, "--batch-size", str(args.batch_size)]
+                       "--name", name, "--batch-size", str(args.batch_size),
+                       "--calibrate-s", str(args.calibrate_s)]
                 for s in sets:
                     cmd += ["--set", s]
                 print(" ".join(cmd), flush=True)
