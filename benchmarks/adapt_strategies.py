@@ -14,7 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-STRATEGIES = ["linear", "finetune", "bias", "lora", "adapter", "adaptformer", "prompt"]
+STRATEGIES = ["linear", "finetune", "bias", "lora", "lora-all", "adapter", "adaptformer", "prompt"]
+# Named variants beyond a strategy's defaults. lora-all: LoRA on every Linear of every block at
+# rank 2 (alpha = 2r, so alpha / r = 2 as for the default), the same 73,728 parameters on ViT-tiny
+# as the default rank-8 LoRA on q and v.
+VARIANTS = {"lora-all": dict(strategy="lora", lora_targets="all", rank=2, alpha=4.0)}
+DEFAULT = [s for s in STRATEGIES if s not in VARIANTS]
 
 
 def one(args: argparse.Namespace, base: object = None) -> None:
@@ -29,7 +34,9 @@ def one(args: argparse.Namespace, base: object = None) -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     ft = FinetuneConfig(epochs=args.epochs, min_steps=args.min_steps, feature_norm=True)
-    r = adapt_and_evaluate(base, AdaptConfig(strategy=args.one_strategy), args.one_fraction, 0, ft, device=args.device)
+    cfg = AdaptConfig(**VARIANTS.get(args.one_strategy, dict(strategy=args.one_strategy)))
+    r = adapt_and_evaluate(base, cfg, args.one_fraction, 0, ft, device=args.device)
+    r["strategy"] = args.one_strategy
     Path(args.one_out).write_text(json.dumps(r, indent=2))
 
 
@@ -56,7 +63,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", action="append", default=[], help="DATA=RUN_DIR (repeatable)")
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.1, 1.0])
-    ap.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    ap.add_argument("--strategies", nargs="+", default=DEFAULT, choices=STRATEGIES)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--min-steps", type=int, default=200)
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")

@@ -2,12 +2,12 @@
 # Runs on a lent GPU machine (device tool): MAE ViT-tiny pretraining on one MedMNIST subset, then
 # every adaptation strategy at 10 % and 100 % labels from it, then the MIL benchmark; results
 # come back as one archive. Expects the MONAI wheel in .whl/ and the data in .gpudata/.
-#   bash benchmarks/gpu_adapt.sh DATA MAE_EPOCHS MAE_BUDGET_MIN MIL_POSITIVE_CLASS [ADAPT_EPOCHS [FRACTION STRATEGY ...]]
+#   bash benchmarks/gpu_adapt.sh DATA MAE_EPOCHS MAE_BUDGET_MIN MIL_POSITIVE_CLASS [ADAPT_EPOCHS [FRACTION[,FRACTION] STRATEGY ...]]
 # ADAPT_EPOCHS defaults to 5 (0: no adaptation, MIL only); with strategies given, only those run,
-# at the one label fraction. Calls for several data sets can follow each other in one command.
+# at the given label fractions. Calls for several data sets can follow each other in one command.
 set -uo pipefail
 D=$1; EPOCHS=$2; BUDGET=$3; POSITIVE=$4; ADAPT_EPOCHS=${5:-5}
-SELECT=(); if [ $# -ge 7 ]; then SELECT=(--fractions "$6" --strategies "${@:7}"); fi
+SELECT=(); if [ $# -ge 7 ]; then SELECT=(--fractions ${6//,/ } --strategies "${@:7}"); fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 MEDLATENT_DATA=$PWD/.gpudata
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -13,7 +13,7 @@ from medlatent import api
 from medlatent.adapt.adapters import AdaptFormerMLP
 from medlatent.adapt.external import to_monai_names, vit_from_weights
 from medlatent.adapt.files import load_adapter_into, read_adapter, save_adapter, weights_hash
-from medlatent.adapt.lora import LoRAQKV, merge_lora, unmerge_lora
+from medlatent.adapt.lora import LoRALinear, LoRAQKV, merge_lora, unmerge_lora
 from medlatent.adapt.mil import AttentionMIL, evaluate_mil, make_bags, train_mil
 from medlatent.adapt.prompts import PromptedViT
 from medlatent.adapt.strategies import STRATEGIES, AdaptConfig, adapt, count_parameters
@@ -76,6 +76,31 @@ def test_lora_matches_the_formula_and_merges_exactly(vit: ViTEncoder):
         assert torch.allclose(p, before[n], atol=1e-6), n  # merge then unmerge restores the weights
 
 
+def test_lora_on_every_linear_matches_the_formula_counts_and_merges(vit: ViTEncoder):
+    cfg = AdaptConfig(strategy="lora", rank=R, alpha=8.0, lora_targets="all")
+    x = x_batch()
+    assert torch.allclose(adapt(vit, cfg).eval()(x), vit(x), atol=1e-6)  # B = 0: no change at start
+    model = adapt(vit, cfg).eval()
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 4 * DEPTH  # qkv, attention output, MLP in and out, per block
+    mlp = vit.blocks[0].mlp.linear1.out_features
+    per_block = R * (D + 3 * D) + R * (D + D) + R * (D + mlp) + R * (mlp + D)  # r (D_in + D_out) each
+    assert count_parameters(model)[0] == DEPTH * per_block
+    randomise(model, ("lora_B",))
+    layer: LoRALinear = model.blocks[1].mlp.linear2
+    h = torch.randn(2, 5, mlp)
+    w, b = vit.blocks[1].mlp.linear2.weight, vit.blocks[1].mlp.linear2.bias
+    assert torch.allclose(layer(h), h @ w.T + b + (8.0 / R) * h @ layer.lora_A.T @ layer.lora_B.T, atol=1e-5)
+    out = model(x)
+    before = {n: p.detach().clone() for n, p in model.state_dict().items()}
+    merge_lora(model)
+    assert all(m.merged for m in layers) and torch.allclose(model(x), out, atol=1e-5)
+    unmerge_lora(model)
+    assert all(torch.allclose(p, before[n], atol=1e-6) for n, p in model.state_dict().items())
+    with pytest.raises(ConfigError, match="unknown lora_targets 'k'"):
+        adapt(vit, AdaptConfig(strategy="lora", lora_targets="k"))  # type: ignore[arg-type]
+
+
 def test_adaptformer_and_prompts_match_their_definitions(vit: ViTEncoder):
     model = adapt(vit, AdaptConfig(strategy="adaptformer", rank=R, scale=0.1)).eval()
     randomise(model, ("adapter.up",))
@@ -129,8 +154,9 @@ def test_cnn_strategies_and_refusals():
         adapt(resnet, AdaptConfig(strategy="magic"))  # type: ignore[arg-type]
 
 
-def test_adapter_file_round_trips_and_refuses_another_base(vit: ViTEncoder, tmp_path: Path):
-    cfg = AdaptConfig(strategy="lora", rank=R)
+@pytest.mark.parametrize("targets", ["qv", "all"])
+def test_adapter_file_round_trips_and_refuses_another_base(vit: ViTEncoder, tmp_path: Path, targets: str):
+    cfg = AdaptConfig(strategy="lora", rank=R, lora_targets=targets)  # type: ignore[arg-type]
     model = Classifier(adapt(vit, cfg), 3)
     randomise(model, ("lora_B",))
     x = x_batch()

@@ -1,4 +1,4 @@
-"""LoRA on a ViT's attention query and value projections.
+"""LoRA on a ViT's attention query and value projections, or on every Linear of its blocks.
 
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022. A frozen weight W
 gets a trainable low-rank update: ``h = W x + (alpha / r) B A dropout(x)`` with A (r, D) random
@@ -7,6 +7,10 @@ and W_v; MONAI's attention holds q, k and v in one fused ``qkv`` Linear (rows [q
 the update is added to the q and v thirds only. (peft's LoRA targets whole Linear modules and
 would adapt k as well, which is why this is our own.) For inference the update can be merged
 into W (no extra cost) and unmerged again.
+
+``LoRALinear`` puts one update on any whole Linear; ``AdaptConfig(lora_targets="all")`` uses it
+on every Linear of every block (fused qkv, attention output, both MLP layers), as QLoRA
+(Dettmers et al., NeurIPS 2023) found necessary to match full fine-tuning.
 """
 
 from __future__ import annotations
@@ -67,8 +71,53 @@ class LoRAQKV(nn.Module):
             self.merged = False
 
 
-def lora_layers(model: nn.Module) -> list[LoRAQKV]:
-    return [m for m in model.modules() if isinstance(m, LoRAQKV)]
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear(D_in, D_out)`` with one low-rank update: h = W x + (alpha / r) B A x.
+
+    Args:
+        linear: the frozen layer.
+        rank: r; A is (r, D_in) random, B is (D_out, r) zero.
+        alpha: scaling numerator; the update is multiplied by alpha / r.
+        dropout: dropout on the input of the low-rank path.
+    """
+
+    def __init__(self, linear: nn.Linear, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.linear = linear
+        self.lora_A = nn.Parameter(torch.empty(rank, linear.in_features))  # (r, D_in)
+        self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank))  # (D_out, r): zero, no change at start
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        """(D_out, D_in): the update (alpha / r) B A."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.linear(x)  # (..., D_out)
+        if self.merged:
+            return out
+        return out + (self.dropout(x) @ self.lora_A.T) @ self.lora_B.T * self.scaling  # (..., r) -> (..., D_out)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- W + delta."""
+        if not self.merged:
+            self.linear.weight += self.delta_weight().to(self.linear.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """W <- W - delta."""
+        if self.merged:
+            self.linear.weight -= self.delta_weight().to(self.linear.weight.dtype)
+            self.merged = False
+
+
+def lora_layers(model: nn.Module) -> list[LoRAQKV | LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, (LoRAQKV, LoRALinear))]
 
 
 def merge_lora(model: nn.Module) -> None:

@@ -7,7 +7,7 @@ strategy's parameters requiring gradients (the classifier head, added later, alw
 linear     nothing in the encoder (linear probe through the training loop)
 finetune   everything
 bias       the biases only (BitFit: Ben Zaken et al., ACL 2022)
-lora       low-rank updates of W_q and W_v in every block (``adapt/lora.py``)
+lora       low-rank updates of W_q and W_v, or of every Linear, in every block (``adapt/lora.py``)
 adapter    Houlsby bottlenecks after attention and MLP (``adapt/adapters.py``)
 adaptformer AdaptFormer's parallel scaled MLP adapter (``adapt/adapters.py``)
 prompt     visual prompt tokens, deep or shallow (``adapt/prompts.py``)
@@ -25,7 +25,7 @@ from typing import Literal
 import torch.nn as nn
 
 from medlatent.adapt.adapters import AdaptFormerMLP, Bottleneck, SerialAdapter
-from medlatent.adapt.lora import LoRAQKV
+from medlatent.adapt.lora import LoRALinear, LoRAQKV
 from medlatent.adapt.prompts import PromptedViT
 from medlatent.errors import ConfigError
 from medlatent.nets.backbones import ViTEncoder
@@ -46,6 +46,10 @@ class AdaptConfig:
     alpha: float = 16.0
     # Dropout on LoRA's low-rank path.
     dropout: float = 0.0
+    # Where LoRA goes: "qv", the paper's W_q and W_v; "all", every Linear of every block (fused
+    # qkv, attention output, both MLP layers; QLoRA's recipe). On ViT-tiny "all" at rank 2
+    # trains exactly as many parameters as "qv" at rank 8.
+    lora_targets: Literal["qv", "all"] = "qv"
     # AdaptFormer's scale s of the parallel branch (0.1 in the paper).
     scale: float = 0.1
     # Prompt tokens per layer (VPT) and deep (every block) or shallow (input only).
@@ -65,9 +69,16 @@ def adapt(encoder: nn.Module, cfg: AdaptConfig) -> nn.Module:
     if cfg.strategy == "bias":
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith(".bias"))
+    if cfg.strategy == "lora" and cfg.lora_targets not in ("qv", "all"):
+        raise ConfigError(f"unknown lora_targets '{cfg.lora_targets}' (known: qv, all)")
     if cfg.strategy == "lora":
         for block in model.blocks:
-            block.attn.qkv = LoRAQKV(block.attn.qkv, cfg.rank, cfg.alpha, cfg.dropout)
+            if cfg.lora_targets == "qv":
+                block.attn.qkv = LoRAQKV(block.attn.qkv, cfg.rank, cfg.alpha, cfg.dropout)
+                continue
+            for parent, name in ((block.attn, "qkv"), (block.attn, "out_proj"), (block.mlp, "linear1"),
+                                 (block.mlp, "linear2")):
+                setattr(parent, name, LoRALinear(getattr(parent, name), cfg.rank, cfg.alpha, cfg.dropout))
     if cfg.strategy == "adapter":
         for block in model.blocks:
             block.attn = SerialAdapter(block.attn, Bottleneck(model.out_dim, cfg.rank))

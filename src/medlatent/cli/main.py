@@ -687,6 +687,8 @@ def reconstruct(run: str, n: int, split: str, seed: int, out: str | None, data_d
               help="linear, finetune, bias, lora, adapter, adaptformer or prompt.")
 @click.option("--rank", type=int, default=None, help="LoRA rank / adapter bottleneck width (default 8).")
 @click.option("--alpha", type=float, default=None, help="LoRA alpha (update scale alpha/rank; default 16).")
+@click.option("--lora-targets", type=click.Choice(["qv", "all"]), default=None,
+              help="LoRA on W_q and W_v (qv, default) or on every Linear of every block (all).")
 @click.option("--prompts", type=int, default=None, help="Prompt tokens per layer (default 10).")
 @click.option("--shallow", is_flag=True, help="VPT-shallow: prompts at the input only.")
 @click.option("--fraction", type=float, default=1.0, show_default=True, help="Fraction of training labels.")
@@ -698,7 +700,7 @@ def reconstruct(run: str, n: int, split: str, seed: int, out: str | None, data_d
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
 def adapt_cmd(source: str, data_name: str | None, strategy: str, rank: int | None, alpha: float | None,
-              prompts: int | None, shallow: bool, fraction: float, seed: int, epochs: int | None,
+              lora_targets: str | None, prompts: int | None, shallow: bool, fraction: float, seed: int, epochs: int | None,
               min_steps: int | None, heads: int | None, out: str | None, data_dir: str | None, device: str) -> None:
     """Adapt a pretrained encoder (a run folder, or ViT weights in timm/DINO/MAE layout) to a
     labelled task, training few parameters; writes the adapter (.safetensors + .json)."""
@@ -706,7 +708,7 @@ def adapt_cmd(source: str, data_name: str | None, strategy: str, rank: int | Non
     from medlatent.adapt.strategies import AdaptConfig, adapt
     from medlatent.eval.finetune import FinetuneConfig
 
-    given = dict(rank=rank, alpha=alpha, prompts=prompts)
+    given = dict(rank=rank, alpha=alpha, lora_targets=lora_targets, prompts=prompts)
     cfg = AdaptConfig(strategy=strategy, deep=not shallow, **{k: v for k, v in given.items() if v is not None})
     ft = FinetuneConfig(feature_norm=True,
                         **{k: v for k, v in dict(epochs=epochs, min_steps=min_steps).items() if v is not None})
