@@ -264,13 +264,14 @@ def test_adapt_command_trains_saves_and_reloads(capsys, vit_run: Path, tmp_path:
     from medlatent.eval.features import predict_scores
 
     code, out, err = run_cli(capsys, "adapt", str(vit_run), "--strategy", "lora", "--rank", "4", "--epochs", "1",
-                             "--min-steps", "15", "--out", str(tmp_path / "lora"))
+                             "--min-steps", "15", "--lora-targets", "all", "--out", str(tmp_path / "lora"))
     assert code == 0, err
     assert "trainable parameters" in out and "test ACC" in out
     base = load_base(vit_run, device="cpu")
     model = load_adapted(base, tmp_path / "lora")
     scores = predict_scores(model, base.data.split("test").images, base.mean, base.std, torch.device("cpu"), False)
-    info = read_adapter(tmp_path / "lora")[1]
+    cfg, info, _ = read_adapter(tmp_path / "lora")
+    assert cfg.lora_targets == "all" and cfg.rank == 4
     assert (scores.argmax(1) == base.data.split("test").labels[:, 0].numpy()).mean() == pytest.approx(info["test"]["acc"])
 
     code, _, err = run_cli(capsys, "adapt", str(vit_run), "--strategy", "magic")
