@@ -166,7 +166,7 @@ def run_mil(base: Base, positive_class: int, bag_size: int = 16, n_bags: int = 4
             _, att = model(x_test[shown])
         rows = [(display_images(data.split("test").images[test_idx[i]]), att[j].tolist(), test_pos[i].tolist())
                 for j, i in enumerate(shown)]
-        result["figure"] = str(mil_figure(rows, f"{data.name}: attention MIL weights on positive test bags "
+        result["figure"] = str(mil_figure(rows, f"{data.name}: {result['method']} attention weights on positive test bags "
                                           f"(class {positive_class} images outlined)", figure))
     return result
 
