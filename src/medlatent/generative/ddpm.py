@@ -1,8 +1,11 @@
-"""DDPM: a UNet that predicts the noise added to an image, optionally class-conditional with
-label dropout for classifier-free guidance.
+"""DDPM: a UNet that predicts the noise added to an image (or its velocity), optionally
+class-conditional with label dropout for classifier-free guidance.
 
 Ho et al. 2020, Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), loss = || eps - eps_theta(x_t, t) ||^2
-with x_t from Eq. 4. Ho and Salimans 2022 (classifier-free guidance): during training the class
+with x_t from Eq. 4. With ``prediction="v"`` (Salimans and Ho 2022) the UNet predicts
+v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 instead and the loss is || v - v_theta ||^2; either
+way :meth:`DDPM.denoise` returns eps, so samplers, guidance, anomaly scoring and restoration
+see one interface. Ho and Salimans 2022 (classifier-free guidance): during training the class
 is replaced by a "null" class with probability p_uncond, so one network learns both the
 conditional and the unconditional model. The denoiser is MONAI's ``DiffusionModelUNet``
 (2-D or 3-D; its ``num_class_embeds`` gives the class embedding).
@@ -11,6 +14,7 @@ conditional and the unconditional model. The denoiser is MONAI's ``DiffusionMode
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
@@ -37,6 +41,11 @@ class DDPMConfig:
     num_res_blocks: int = 1
     num_head_channels: int = 32
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # What the UNet predicts. "v" (velocity, Salimans & Ho 2022) keeps the x0 estimate well
+    # conditioned at the noisiest steps; "epsilon" (Ho et al.) divides the network's error by
+    # sqrt(alpha_bar) there (5e-5 at t = T-1 under the cosine schedule), and with a small,
+    # briefly trained UNet that error decided each sample's colour (README, generative models).
+    prediction: Literal["epsilon", "v"] = "v"
     # Probability of training a sample as "no class" (classifier-free guidance; 0.1 in the paper).
     p_uncond: float = 0.1
     # Condition on the class labels (needs labelled single-label data).
@@ -65,6 +74,7 @@ class DDPM(nn.Module):
                               f"need one entry per resolution level each")
         self.n_classes = n_classes
         self.p_uncond = cfg.p_uncond
+        self.prediction = cfg.prediction
         self.unet = DiffusionModelUNet(spatial_dims, channels + cond_channels, channels, num_res_blocks=cfg.num_res_blocks,
                                        channels=cfg.channels, attention_levels=cfg.attention_levels,
                                        num_head_channels=cfg.num_head_channels,
@@ -86,14 +96,19 @@ class DDPM(nn.Module):
 
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                 ema: bool = False, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """eps_theta(x_t, t, c[, y]): (B, C, *S), (B,), (B,) or None[, (B, C', *S)] -> (B, C, *S)."""
+        """eps_theta(x_t, t, c[, y]): (B, C, *S), (B,), (B,) or None[, (B, C', *S)] -> (B, C, *S),
+        converted from v where the UNet predicts v."""
+        out = self._unet_output(x_t, t, labels, ema, cond)
+        return out if self.prediction == "epsilon" else self.schedule.eps_from_velocity(x_t, out, t)
+
+    def _unet_output(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, ema: bool,
+                     cond: torch.Tensor | None) -> torch.Tensor:
         unet = self.ema_unet if ema else self.unet
         x = x_t if cond is None else torch.cat([x_t, cond], dim=1)
         return unet(x, t, class_labels=labels if self.n_classes else None)
 
-    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
-        """Algorithm 1 on a batch x0 = views[0] (B, C, *S) in [-1, 1] with labels (B,)."""
-        x0 = views[0]
+    def loss(self, x0: torch.Tensor, labels: torch.Tensor | None, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """Algorithm 1 on x0 (B, C, *S) in [-1, 1], labels (B,) or None, conditioning image or None."""
         b = x0.shape[0]
         t = torch.randint(0, self.schedule.steps, (b,), device=x0.device)  # t ~ U{0..T-1}
         noise = torch.randn_like(x0)  # eps ~ N(0, I)
@@ -103,8 +118,12 @@ class DDPM(nn.Module):
                 raise ValueError("a class-conditional DDPM needs labels")
             drop = torch.rand(b, device=x0.device) < self.p_uncond
             labels = torch.where(drop, torch.full_like(labels, self.n_classes), labels)  # label dropout
-        loss = F.mse_loss(self.denoise(x_t, t, labels).float(), noise.float())
-        return StepOutput(loss)
+        target = noise if self.prediction == "epsilon" else self.schedule.velocity(x0, noise, t)
+        return F.mse_loss(self._unet_output(x_t, t, labels, False, cond).float(), target.float())
+
+    def forward(self, views: list[torch.Tensor], labels: torch.Tensor | None = None) -> StepOutput:
+        """Algorithm 1 on a batch x0 = views[0] (B, C, *S) in [-1, 1] with labels (B,)."""
+        return StepOutput(self.loss(views[0], labels))
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         ema_update(self.ema_unet, self.unet, min(self.ema, (1 + step) / (10 + step)))
@@ -125,10 +144,20 @@ class DDPM(nn.Module):
         return x.clamp(-clip, clip) if clip is not None else x
 
 
+def saved_with_epsilon(options: dict[str, Any]) -> dict[str, Any]:
+    """Method options of a saved run, with ``prediction: epsilon`` filled in for every diffusion
+    config that predates the option (those runs predicted eps; the default is now v). Walks
+    nested configs (latent diffusion and paired restoration keep theirs under ``diffusion``)."""
+    out = {k: saved_with_epsilon(v) if isinstance(v, dict) else v for k, v in options.items()}
+    if "schedule" in out and "p_uncond" in out:  # a DDPMConfig
+        out.setdefault("prediction", "epsilon")
+    return out
+
+
 def _build(encoder: nn.Module, o: DDPMConfig, context: BuildContext) -> DDPM:
     return DDPM(context.spatial_dims, context.channels, condition_classes(o.conditional, context, "DDPM"), o)
 
 
 SPEC = MethodSpec("ddpm", DDPMConfig, _build, whole_image_views,
                   "DDPM (Ho et al. 2020): noise prediction, DDPM/DDIM sampling, classifier-free guidance",
-                  uses_labels=True, pixel_range="symmetric", exports_encoder=False)
+                  uses_labels=True, pixel_range="symmetric", exports_encoder=False, upgrade_saved=saved_with_epsilon)

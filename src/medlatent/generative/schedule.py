@@ -5,7 +5,11 @@ beta_1..beta_T the noise variances, alpha_t = 1 - beta_t and alpha_bar_t = prod_
 
     q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I)          (Eq. 4)
 
-so a noisy sample at any step is one line (:meth:`NoiseSchedule.add_noise`). Nothing here is
+so a noisy sample at any step is one line (:meth:`NoiseSchedule.add_noise`). Salimans and Ho,
+"Progressive Distillation for Fast Sampling of Diffusion Models", ICLR 2022, Sec. 4: with
+a = sqrt(alpha_bar_t) and s = sqrt(1 - alpha_bar_t), the velocity v = a eps - s x_0 gives
+eps = s x_t + a v and x_0 = a x_t - s v, both well conditioned at every t (eps-prediction's
+x_0 = (x_t - s eps) / a is not, where a -> 0). Nothing here is
 mutated after construction; samplers read the buffers. Steps are indexed 0..T-1 as in MONAI
 and diffusers (t = 0 is the least noisy step).
 """
@@ -73,3 +77,13 @@ class NoiseSchedule(nn.Module):
         """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (Eq. 4). x0, noise: (B, C, *S); t: (B,)."""
         ab = self.alpha_bar(t, x0.dim())
         return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0, the v-prediction target. Shapes as add_noise."""
+        ab = self.alpha_bar(t, x0.dim())
+        return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+    def eps_from_velocity(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps = sqrt(1 - alpha_bar_t) x_t + sqrt(alpha_bar_t) v (invert :meth:`velocity` given x_t)."""
+        ab = self.alpha_bar(t, x_t.dim())
+        return (1 - ab).sqrt() * x_t + ab.sqrt() * v

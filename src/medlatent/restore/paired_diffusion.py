@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from medlatent.generative.common import whole_image_views
-from medlatent.generative.ddpm import DDPM, DDPMConfig
+from medlatent.generative.ddpm import DDPM, DDPMConfig, saved_with_epsilon
 from medlatent.generative.samplers import sample
 from medlatent.restore.tasks import RestoreConfig, degrade, make_consistent
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
@@ -57,13 +57,7 @@ class PairedDiffusion(nn.Module):
 
     def forward(self, views: list[torch.Tensor]) -> StepOutput:
         x = views[0]  # (B, C, *S) in [0, 1]
-        cond = self._cond(degrade(x, self.cfg))
-        s = self.ddpm.schedule
-        t = torch.randint(0, s.steps, (len(x),), device=x.device)
-        noise = torch.randn_like(x)
-        x_t = s.add_noise(x * 2 - 1, noise, t)
-        loss = torch.nn.functional.mse_loss(self.ddpm.denoise(x_t, t, None, cond=cond).float(), noise.float())
-        return StepOutput(loss)
+        return StepOutput(self.ddpm.loss(x * 2 - 1, None, cond=self._cond(degrade(x, self.cfg))))
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         ema_update(self.ddpm.ema_unet, self.ddpm.unet, min(self.ddpm.ema, (1 + step) / (10 + step)))
@@ -88,4 +82,4 @@ def _build(encoder: nn.Module, o: PairedDiffusionConfig, context: BuildContext) 
 
 SPEC = MethodSpec("restore-diffusion", PairedDiffusionConfig, _build, whole_image_views,
                   "conditional diffusion on (degraded, clean) pairs (Palette)", pixel_range="unit",
-                  exports_encoder=False)
+                  exports_encoder=False, upgrade_saved=saved_with_epsilon)

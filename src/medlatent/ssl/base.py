@@ -68,6 +68,8 @@ class MethodSpec:
         pixel_range: "standardised" (per-channel mean/std), "symmetric" ([-1, 1], what
             generative models produce and are trained on) or "unit" ([0, 1], restoration).
         exports_encoder: the run's result is an encoder (written as encoder.safetensors).
+        upgrade_saved: method options of a saved run -> the same meaning under today's
+            defaults (an option added later gets the value old runs used).
     """
 
     name: str
@@ -79,3 +81,4 @@ class MethodSpec:
     uses_labels: bool = False
     pixel_range: str = "standardised"
     exports_encoder: bool = True
+    upgrade_saved: Callable[[dict[str, Any]], dict[str, Any]] | None = None

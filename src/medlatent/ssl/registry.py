@@ -39,3 +39,13 @@ def get_method(name: str) -> MethodSpec:
                           f"{', '.join(GENERATIVE)})")
     module, _, attr = known[name].partition(":")
     return getattr(importlib.import_module(module), attr or "SPEC")
+
+
+def upgrade_saved_options(method: object, options: object) -> object:
+    """A saved run's ``method_options`` under today's defaults (see ``MethodSpec.upgrade_saved``);
+    anything unrecognised passes through unchanged for the config check to report."""
+    if not isinstance(method, str) or not isinstance(options, dict):
+        return options
+    known = {**METHODS, **GENERATIVE, **RESTORATION}
+    spec = get_method(method) if method in known else None
+    return spec.upgrade_saved(options) if spec is not None and spec.upgrade_saved else options
