@@ -7,6 +7,7 @@ and the cosine schedule is sized to fill the budget.
 
     python benchmarks/generative.py --data bloodmnist --budget-min 8
     python benchmarks/generative.py --table-only
+    python benchmarks/generative.py --models ddpm --set method_options.prediction=epsilon --out-dir DIR
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ N_TRAIN = {"bloodmnist": 11959, "pneumoniamnist": 4708}
 def one(model: str, args: argparse.Namespace, out: Path) -> dict:
     budget_s = args.budget_min * 60
     run = out / f"run-{model}-{args.data}"
-    train = ["generate", "train", "--model", model, "--data", args.data, "--conditional", *OVERRIDES.get(model, [])]
+    train = ["generate", "train", "--model", model, "--data", args.data, "--conditional", *OVERRIDES.get(model, []),
+             *[a for kv in args.set for a in ("--set", kv)]]
     if args.evaluate_only:  # the run is trained already: judge it again
         ips = None
         epochs = int(yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"])
@@ -89,6 +91,8 @@ def main() -> None:
     ap.add_argument("--classifier-epochs", type=int, default=5,
                     help="epochs of the domain classifier (features) and of the TSTR/TRTR classifiers")
     ap.add_argument("--evaluate-only", action="store_true", help="judge existing runs again, no training")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config for every model, e.g. method_options.prediction=epsilon")
     ap.add_argument("--out-dir", default="benchmarks/out/generative")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
