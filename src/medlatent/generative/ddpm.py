@@ -159,5 +159,5 @@ def _build(encoder: nn.Module, o: DDPMConfig, context: BuildContext) -> DDPM:
 
 
 SPEC = MethodSpec("ddpm", DDPMConfig, _build, whole_image_views,
-                  "DDPM (Ho et al. 2020): noise prediction, DDPM/DDIM sampling, classifier-free guidance",
+                  "DDPM (Ho et al. 2020): v- or noise prediction, DDPM/DDIM sampling, classifier-free guidance",
                   uses_labels=True, pixel_range="symmetric", exports_encoder=False, upgrade_saved=saved_with_epsilon)
