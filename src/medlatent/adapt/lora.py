@@ -21,6 +21,15 @@ import torch
 import torch.nn as nn
 
 
+@torch.no_grad()
+def set_merged(layer: LoRAQKV | LoRALinear, weight: torch.Tensor, merged: bool) -> None:
+    """Add (merge) or subtract (unmerge) ``layer.delta_weight()`` in ``weight`` once per change of state."""
+    if layer.merged != merged:
+        delta = layer.delta_weight().to(weight.dtype)
+        weight.add_(delta if merged else -delta)
+        layer.merged = merged
+
+
 class LoRAQKV(nn.Module):
     """A fused (D -> 3D) qkv projection with LoRA updates on its q and v parts.
 
@@ -56,19 +65,13 @@ class LoRAQKV(nn.Module):
         dq, dv = torch.einsum("sblr,sor->sblo", low, self.lora_B) * self.scaling  # (B, L, D) each
         return out + torch.cat([dq, torch.zeros_like(dq), dv], dim=-1)
 
-    @torch.no_grad()
     def merge(self) -> None:
         """W <- W + delta: same outputs (without dropout), no extra inference cost."""
-        if not self.merged:
-            self.qkv.weight += self.delta_weight().to(self.qkv.weight.dtype)
-            self.merged = True
+        set_merged(self, self.qkv.weight, True)
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         """W <- W - delta: back to the base weights and a separate low-rank path."""
-        if self.merged:
-            self.qkv.weight -= self.delta_weight().to(self.qkv.weight.dtype)
-            self.merged = False
+        set_merged(self, self.qkv.weight, False)
 
 
 class LoRALinear(nn.Module):
@@ -101,19 +104,13 @@ class LoRALinear(nn.Module):
             return out
         return out + (self.dropout(x) @ self.lora_A.T) @ self.lora_B.T * self.scaling  # (..., r) -> (..., D_out)
 
-    @torch.no_grad()
     def merge(self) -> None:
         """W <- W + delta."""
-        if not self.merged:
-            self.linear.weight += self.delta_weight().to(self.linear.weight.dtype)
-            self.merged = True
+        set_merged(self, self.linear.weight, True)
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         """W <- W - delta."""
-        if self.merged:
-            self.linear.weight -= self.delta_weight().to(self.linear.weight.dtype)
-            self.merged = False
+        set_merged(self, self.linear.weight, False)
 
 
 def lora_layers(model: nn.Module) -> list[LoRAQKV | LoRALinear]:

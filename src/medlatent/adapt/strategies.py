@@ -69,9 +69,9 @@ def adapt(encoder: nn.Module, cfg: AdaptConfig) -> nn.Module:
     if cfg.strategy == "bias":
         for name, p in model.named_parameters():
             p.requires_grad_(name.endswith(".bias"))
-    if cfg.strategy == "lora" and cfg.lora_targets not in ("qv", "all"):
-        raise ConfigError(f"unknown lora_targets '{cfg.lora_targets}' (known: qv, all)")
     if cfg.strategy == "lora":
+        if cfg.lora_targets not in ("qv", "all"):
+            raise ConfigError(f"unknown lora_targets '{cfg.lora_targets}' (known: qv, all)")
         for block in model.blocks:
             if cfg.lora_targets == "qv":
                 block.attn.qkv = LoRAQKV(block.attn.qkv, cfg.rank, cfg.alpha, cfg.dropout)

@@ -32,8 +32,12 @@ RESTORATION: dict[str, str] = {"restore": "medlatent.restore.tasks",
                                "restore-diffusion": "medlatent.restore.paired_diffusion"}
 
 
+def _known() -> dict[str, str]:
+    return {**METHODS, **GENERATIVE, **RESTORATION}
+
+
 def get_method(name: str) -> MethodSpec:
-    known = {**METHODS, **GENERATIVE, **RESTORATION}
+    known = _known()
     if name not in known:
         raise ConfigError(f"method: unknown method '{name}' (known: {', '.join(METHODS)}; generative: "
                           f"{', '.join(GENERATIVE)})")
@@ -46,6 +50,5 @@ def upgrade_saved_options(method: object, options: object) -> object:
     anything unrecognised passes through unchanged for the config check to report."""
     if not isinstance(method, str) or not isinstance(options, dict):
         return options
-    known = {**METHODS, **GENERATIVE, **RESTORATION}
-    spec = get_method(method) if method in known else None
+    spec = get_method(method) if method in _known() else None
     return spec.upgrade_saved(options) if spec is not None and spec.upgrade_saved else options
