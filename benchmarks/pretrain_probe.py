@@ -2,8 +2,9 @@
 wall-clock budget on this machine, then k-NN and linear probe on the test split.
 
 The number of epochs is either given or calibrated: a 20-second run measures img/s, and the
-epochs are chosen so the whole cosine schedule fits the budget (a budgeted run is then a
-complete run, not a truncated one). Prints a JSON line and writes it to --out-dir.
+epochs (fractional, to 0.01) are chosen so the whole cosine schedule fills the budget (a
+budgeted run is then a complete run, not a truncated one, and no method is left with unused
+minutes because its epochs were rounded down). Prints a JSON line and writes it to --out-dir.
 
     python benchmarks/pretrain_probe.py --method simclr --data bloodmnist --budget-min 30 --epochs 33
     python benchmarks/pretrain_probe.py --method byol --data pneumoniamnist --budget-min 8
@@ -36,7 +37,7 @@ PUBLISHED = {
 }
 
 
-def make_config(args: argparse.Namespace, epochs: int, budget_s: float) -> PretrainConfig:
+def make_config(args: argparse.Namespace, epochs: float, budget_s: float) -> PretrainConfig:
     import yaml
 
     cfg = PretrainConfig()
@@ -74,7 +75,7 @@ def main() -> None:
     ap.add_argument("--method", default="simclr")
     ap.add_argument("--data", default="bloodmnist")
     ap.add_argument("--backbone", default="resnet18-quarter")
-    ap.add_argument("--epochs", type=int, default=0, help="0: calibrate to fill --budget-min")
+    ap.add_argument("--epochs", type=float, default=0, help="0: calibrate to fill --budget-min")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--budget-min", type=float, default=30.0, help="wall-clock budget for pretraining")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.key=value overrides")
@@ -91,7 +92,7 @@ def main() -> None:
     ips_calibrated = None
     if not epochs:
         ips_calibrated = calibrate(args, out_dir, args.calibrate_s)
-        epochs = max(1, int(0.92 * budget_s * ips_calibrated / n_train))  # 8 % margin for checkpoints
+        epochs = max(0.05, round(0.92 * budget_s * ips_calibrated / n_train, 2))  # 8 % margin for checkpoints
     cfg = make_config(args, epochs, budget_s)
     run_dir = out_dir / f"run-{args.method}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()

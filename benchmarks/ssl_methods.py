@@ -50,9 +50,9 @@ def table(out_dir: Path, datasets: list[str]) -> str:
             r = json.loads(f.read_text())
             k, lin = r["knn_test"], r["linear_test"]
             memory = (f"{r['peak_gpu_gib']:.1f} GiB GPU" if r.get("peak_gpu_gib") else f"{r['peak_rss_gib']:.1f} GiB RSS")
-            epochs = str(r["epochs"])
+            epochs = f"{r['epochs']:g}"
             if r.get("status") == "budget":  # stopped by the budget before its schedule ended
-                epochs = f"{r['epochs'] * r['steps'] / r['total_steps']:.1f} of {r['epochs']}"
+                epochs = f"{r['epochs'] * r['steps'] / r['total_steps']:.1f} of {r['epochs']:g}"
             lines.append(f"| {name} | {r['backbone']} | {epochs} | {r['images_per_s_median']:.0f} | "
                          f"{memory} | {k['acc']:.3f} | {k['auc']:.3f} | {lin['acc']:.3f} | "
                          f"{lin['auc']:.3f} |")

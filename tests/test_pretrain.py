@@ -134,3 +134,19 @@ def test_warmup_never_takes_the_whole_run(tmp_path: Path):
     lrs = [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
     peak = cfg.optim.lr * cfg.train.batch_size / 256
     assert len(lrs) == 8 and max(lrs) == pytest.approx(peak, rel=0.05)
+
+
+def test_fractional_epochs_end_mid_epoch(tmp_path: Path):
+    """1.5 epochs of 4 steps each is a 6-step schedule: the last checkpoint is step 6, the one at
+    the end of epoch 1 is step 4, and the cosine schedule spans the 6 steps (warm-up capped at 1)."""
+    from medlatent.train.optim import lr_at
+
+    data = write_stripes_npz(tmp_path / "s.npz", n_train=128)
+    cfg = tiny_config(data, epochs=1.5, log_every=1)  # 128 images / batch 32 = 4 steps an epoch
+    run, result = api.run_pretraining(cfg, output=tmp_path / "run")
+    assert (result.status, result.step, result.total_steps) == ("finished", 6, 6)
+    assert [p.name for p in checkpoint.list_checkpoints(run / "checkpoints")] == ["step-00000004", "step-00000006"]
+    lrs = [r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r]
+    peak = cfg.optim.lr * cfg.train.batch_size / 256
+    assert lrs == pytest.approx([lr_at(s, 6, 1, peak, cfg.optim.final_lr_fraction) for s in range(6)])
+    assert lrs[-1] < 0.11 * peak  # the decay is complete, not cut off at 1 epoch's worth

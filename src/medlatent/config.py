@@ -175,6 +175,10 @@ class BackboneConfig:
     patch_size: int | None = None
     # ViT depth; None keeps the preset's 12 blocks (fewer train faster on a CPU).
     depth: int | None = None
+    # ViT read-out for probes and fine-tuning: the CLS token, or the mean of the patch tokens.
+    # auto takes the method's own (I-JEPA's loss never reaches the CLS token, and its paper
+    # probes averaged patch tokens; MAE and DINO probe the CLS token).
+    pool: Literal["auto", "cls", "mean"] = "auto"
 
 
 @dataclass
@@ -204,7 +208,9 @@ class OptimConfig:
 class TrainConfig:
     """How long and how to run."""
 
-    epochs: int = 30
+    # Passes over the training split; a fraction is allowed (1.5: the schedule spans
+    # round(1.5 x steps per epoch) steps), so a wall-clock budget can be filled exactly.
+    epochs: float = 30
     # Global batch (split across processes under torchrun). Contrastive methods want many
     # negatives; 256 fits a 2-core CPU at 28 px.
     batch_size: int = 256

@@ -90,7 +90,8 @@ def _apply_set(tree: dict[str, Any], assignment: str) -> None:
 @click.option("--data", "data_name", default=None, help="MedMNIST subset, .npz file or image folder. [default: bloodmnist]")
 @click.option("--method", default=None, help="simclr, mocov2, mocov3, byol, dino, mae, ijepa, rotation, autoencoder, denoising-autoencoder. [default: simclr]")
 @click.option("--backbone", default=None, help="resnet18, resnet18-half, resnet18-quarter, vit-tiny, vit-small. [default: resnet18-quarter]")
-@click.option("--epochs", type=int, default=None, help="Epochs over the training split. [default: 30]")
+@click.option("--epochs", type=float, default=None,
+              help="Epochs over the training split; fractions allowed. [default: 30]")
 @click.option("--batch-size", type=int, default=None, help="Global batch size. [default: 256]")
 @click.option("--lr", type=float, default=None, help="Peak learning rate for batch 256.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "lars"]), default=None)
@@ -105,7 +106,7 @@ def _apply_set(tree: dict[str, Any], assignment: str) -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. views.crop_scale=[0.3,1] or method_options.temperature=0.1.")
 @click.option("--output", default=None, help="Run folder. [default: runs/<data>-<method>-<time>]")
 @click.option("--resume", "resume", default=None, metavar="RUN", help="Continue the run in this folder exactly where its last checkpoint left it.")
-def pretrain(data_name: str | None, method: str | None, backbone: str | None, epochs: int | None,
+def pretrain(data_name: str | None, method: str | None, backbone: str | None, epochs: float | None,
              batch_size: int | None, lr: float | None, optimizer: str | None, size: int | None,
              seed: int | None, precision: str | None, compile_: bool | None, device: str | None,
              time_budget: float | None, data_dir: str | None, config_file: str | None,
@@ -204,7 +205,8 @@ def generate() -> None:
 @click.option("--model", default=None, help="vae, gan, ddpm or ldm. [default: ddpm]")
 @click.option("--data", "data_name", default=None, help="MedMNIST subset, .npz file or image folder. [default: bloodmnist]")
 @click.option("--conditional", is_flag=True, default=None, help="Condition on the class labels (guidance for ddpm/ldm).")
-@click.option("--epochs", type=int, default=None, help="Epochs over the training split. [default: 30]")
+@click.option("--epochs", type=float, default=None,
+              help="Epochs over the training split; fractions allowed. [default: 30]")
 @click.option("--batch-size", type=int, default=None, help="[default: 128]")
 @click.option("--lr", type=float, default=None, help="Peak learning rate for batch 256.")
 @click.option("--size", type=int, default=None, help="Image side in pixels. [default: 28]")
@@ -216,7 +218,7 @@ def generate() -> None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="e.g. method_options.schedule.kind=linear")
 @click.option("--output", default=None, help="Run folder. [default: runs/<data>-<model>-<time>]")
 @click.option("--resume", default=None, metavar="RUN", help="Continue this run from its last checkpoint.")
-def generate_train(model: str | None, data_name: str | None, conditional: bool | None, epochs: int | None,
+def generate_train(model: str | None, data_name: str | None, conditional: bool | None, epochs: float | None,
                    batch_size: int | None, lr: float | None, size: int | None, seed: int | None,
                    precision: str | None, device: str | None, time_budget: float | None, data_dir: str | None,
                    sets: tuple[str, ...], output: str | None, resume: str | None) -> None:
@@ -569,7 +571,7 @@ def embed(run: str, split: str, out: str | None, data_name: str | None, data_dir
 @click.option("--data", "data_name", default=None, help="Labelled data (default: the pretraining data).")
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
-def efficiency(run: str, fractions: tuple[float, ...], seeds: int, protocols: tuple[str, ...], epochs: int | None,
+def efficiency(run: str, fractions: tuple[float, ...], seeds: int, protocols: tuple[str, ...], epochs: float | None,
                min_steps: int | None, data_name: str | None, data_dir: str | None, device: str) -> None:
     """Label-efficiency curves: k-NN, linear probe, fine-tuning and the supervised baseline at
     several label fractions and seeds (mean and std), with a plot."""
@@ -700,7 +702,7 @@ def reconstruct(run: str, n: int, split: str, seed: int, out: str | None, data_d
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
 def adapt_cmd(source: str, data_name: str | None, strategy: str, rank: int | None, alpha: float | None,
-              lora_targets: str | None, prompts: int | None, shallow: bool, fraction: float, seed: int, epochs: int | None,
+              lora_targets: str | None, prompts: int | None, shallow: bool, fraction: float, seed: int, epochs: float | None,
               min_steps: int | None, heads: int | None, out: str | None, data_dir: str | None, device: str) -> None:
     """Adapt a pretrained encoder (a run folder, or ViT weights in timm/DINO/MAE layout) to a
     labelled task, training few parameters; writes the adapter (.safetensors + .json)."""

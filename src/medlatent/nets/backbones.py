@@ -43,6 +43,9 @@ class SmallImageResNet(ResNet):
         self.prefers_channels_last = True
 
 
+VIT_POOLS = ("cls", "mean")
+
+
 def transformer_block(dim: int, mlp_dim: int, heads: int) -> TransformerBlock:
     """MONAI's pre-norm transformer block with SDPA attention and qkv bias.
 
@@ -55,7 +58,8 @@ def transformer_block(dim: int, mlp_dim: int, heads: int) -> TransformerBlock:
 
 
 class ViTEncoder(nn.Module):
-    """Vision Transformer (Dosovitskiy et al., ICLR 2021) from MONAI blocks; output = CLS token.
+    """Vision Transformer (Dosovitskiy et al., ICLR 2021) from MONAI blocks; output = the CLS
+    token, or the mean of the patch tokens (``pool="mean"``, I-JEPA's read-out).
 
     Attention is PyTorch's scaled-dot-product kernel (MONAI ``use_flash_attention``).
     Attribute names match ``monai.networks.nets.ViT(classification=True)``.
@@ -69,14 +73,19 @@ class ViTEncoder(nn.Module):
         num_heads: attention heads.
         mlp_ratio: MLP hidden size as a multiple of D.
         spatial_dims: 2 or 3.
+        pool: what ``forward`` returns: "cls" (the CLS token) or "mean" (the patch tokens
+            averaged; for methods whose loss never reaches the CLS token).
     """
 
     def __init__(self, in_channels: int, img_size: int, patch_size: int, hidden_size: int = 192,
                  depth: int = 12, num_heads: int = 3, mlp_ratio: float = 4.0,
-                 spatial_dims: int = 2) -> None:
+                 spatial_dims: int = 2, pool: str = "cls") -> None:
         super().__init__()
         if img_size % patch_size:
             raise ConfigError(f"ViT: image size {img_size} is not a multiple of patch size {patch_size}")
+        if pool not in VIT_POOLS:
+            raise ConfigError(f"backbone.pool: unknown read-out '{pool}' (known: {', '.join(VIT_POOLS)})")
+        self.pool = pool
         self.patch_embedding = PatchEmbeddingBlock(in_channels, img_size, patch_size, hidden_size,
                                                    num_heads, proj_type="conv",
                                                    pos_embed_type="learnable", spatial_dims=spatial_dims)
@@ -121,7 +130,9 @@ class ViTEncoder(nn.Module):
         return self.norm(t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tokens(x)[:, 0]  # (B, D)
+        """(B, C, *S) -> (B, D) image representation."""
+        t = self.tokens(x)  # (B, 1 + L, D)
+        return t[:, 1:].mean(1) if self.pool == "mean" else t[:, 0]
 
     @torch.no_grad()
     def last_attention(self, x: torch.Tensor) -> torch.Tensor:
@@ -160,8 +171,8 @@ ENCODERS = ("resnet18", "resnet18-half", "resnet18-quarter", "vit-tiny", "vit-sm
 
 
 def build_encoder(name: str, in_channels: int, img_size: int, spatial_dims: int = 2,
-                  patch_size: int | None = None, depth: int | None = None) -> nn.Module:
-    """An encoder by name (see :data:`ENCODERS`)."""
+                  patch_size: int | None = None, depth: int | None = None, pool: str = "cls") -> nn.Module:
+    """An encoder by name (see :data:`ENCODERS`); ``pool`` is the ViT read-out (see :class:`ViTEncoder`)."""
     if name == "resnet18":
         return SmallImageResNet(in_channels, spatial_dims, width=64)
     if name == "resnet18-half":
@@ -171,5 +182,6 @@ def build_encoder(name: str, in_channels: int, img_size: int, spatial_dims: int 
     if name in ("vit-tiny", "vit-small"):
         dim, heads = (192, 3) if name == "vit-tiny" else (384, 6)
         return ViTEncoder(in_channels, img_size, patch_size or default_patch_size(img_size),
-                          hidden_size=dim, depth=depth or 12, num_heads=heads, spatial_dims=spatial_dims)
+                          hidden_size=dim, depth=depth or 12, num_heads=heads, spatial_dims=spatial_dims,
+                          pool=pool)
     raise ConfigError(f"backbone.name: unknown encoder '{name}' (known: {', '.join(ENCODERS)})")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib
 
+import torch.nn as nn
+
+from medlatent.config import PretrainConfig
 from medlatent.errors import ConfigError
+from medlatent.nets.backbones import build_encoder
 from medlatent.ssl.base import MethodSpec
 
 # name -> module defining SPEC; imported on demand so listing methods stays cheap.
@@ -52,3 +56,11 @@ def upgrade_saved_options(method: object, options: object) -> object:
         return options
     spec = get_method(method) if method in _known() else None
     return spec.upgrade_saved(options) if spec is not None and spec.upgrade_saved else options
+
+
+def build_backbone(cfg: PretrainConfig, in_channels: int, img_size: int, spatial_dims: int) -> nn.Module:
+    """The encoder a run's config describes, with ``backbone.pool: auto`` resolved to the
+    method's own read-out."""
+    b = cfg.backbone
+    pool = b.pool if b.pool != "auto" else get_method(cfg.method).vit_pool
+    return build_encoder(b.name, in_channels, img_size, spatial_dims, b.patch_size, b.depth, pool)

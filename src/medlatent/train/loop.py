@@ -74,7 +74,7 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
         raise CheckpointError(f"train.batch_size {t.batch_size} is not divisible by {world} processes")
     per_rank = t.batch_size // world
     steps_per_epoch = len(images) // t.batch_size
-    total = t.epochs * steps_per_epoch
+    total = max(1, round(t.epochs * steps_per_epoch))  # epochs may be fractional
     # Warm-up never takes more than a fifth of the run (a one-epoch run would otherwise end warming up).
     warmup = min(round(cfg.optim.warmup_epochs * steps_per_epoch), total // 5)
     peak_lr = scaled_lr(cfg.optim, t.batch_size)
