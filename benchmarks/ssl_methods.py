@@ -52,7 +52,7 @@ def table(out_dir: Path, datasets: list[str]) -> str:
             memory = (f"{r['peak_gpu_gib']:.1f} GiB GPU" if r.get("peak_gpu_gib") else f"{r['peak_rss_gib']:.1f} GiB RSS")
             epochs = f"{r['epochs']:g}"
             if r.get("status") == "budget":  # stopped by the budget before its schedule ended
-                epochs = f"{r['epochs'] * r['steps'] / r['total_steps']:.1f} of {r['epochs']:g}"
+                epochs = f"{r['steps']} of {r['total_steps']} steps"
             lines.append(f"| {name} | {r['backbone']} | {epochs} | {r['images_per_s_median']:.0f} | "
                          f"{memory} | {k['acc']:.3f} | {k['auc']:.3f} | {lin['acc']:.3f} | "
                          f"{lin['auc']:.3f} |")

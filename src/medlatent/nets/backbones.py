@@ -59,7 +59,7 @@ def transformer_block(dim: int, mlp_dim: int, heads: int) -> TransformerBlock:
 
 class ViTEncoder(nn.Module):
     """Vision Transformer (Dosovitskiy et al., ICLR 2021) from MONAI blocks; output = the CLS
-    token, or the mean of the patch tokens (``pool="mean"``, I-JEPA's read-out).
+    token, or the mean of the patch tokens (``pool="mean"``, the I-JEPA paper's read-out).
 
     Attention is PyTorch's scaled-dot-product kernel (MONAI ``use_flash_attention``).
     Attribute names match ``monai.networks.nets.ViT(classification=True)``.
@@ -74,7 +74,7 @@ class ViTEncoder(nn.Module):
         mlp_ratio: MLP hidden size as a multiple of D.
         spatial_dims: 2 or 3.
         pool: what ``forward`` returns: "cls" (the CLS token) or "mean" (the patch tokens
-            averaged; for methods whose loss never reaches the CLS token).
+            averaged, as I-JEPA's paper probes them).
     """
 
     def __init__(self, in_channels: int, img_size: int, patch_size: int, hidden_size: int = 192,

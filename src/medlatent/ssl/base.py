@@ -70,7 +70,6 @@ class MethodSpec:
         exports_encoder: the run's result is an encoder (written as encoder.safetensors).
         upgrade_saved: method options of a saved run -> the same meaning under today's
             defaults (an option added later gets the value old runs used).
-        vit_pool: the ViT read-out its paper evaluates ("cls" or "mean", see ``ViTEncoder``).
     """
 
     name: str
@@ -83,4 +82,3 @@ class MethodSpec:
     pixel_range: str = "standardised"
     exports_encoder: bool = True
     upgrade_saved: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-    vit_pool: str = "cls"

@@ -148,4 +148,4 @@ def _views(base: ViewConfig, size: int, o: IJEPAConfig) -> list[tuple[ViewConfig
 
 SPEC = MethodSpec("ijepa", IJEPAConfig, _build, _views,
                   "I-JEPA: predict an EMA target encoder's block representations from a context block",
-                  needs_vit=True, vit_pool="mean")
+                  needs_vit=True)

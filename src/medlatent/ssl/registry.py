@@ -59,8 +59,6 @@ def upgrade_saved_options(method: object, options: object) -> object:
 
 
 def build_backbone(cfg: PretrainConfig, in_channels: int, img_size: int, spatial_dims: int) -> nn.Module:
-    """The encoder a run's config describes, with ``backbone.pool: auto`` resolved to the
-    method's own read-out."""
+    """The encoder a run's config describes (name, patch size, depth, ViT read-out)."""
     b = cfg.backbone
-    pool = b.pool if b.pool != "auto" else get_method(cfg.method).vit_pool
-    return build_encoder(b.name, in_channels, img_size, spatial_dims, b.patch_size, b.depth, pool)
+    return build_encoder(b.name, in_channels, img_size, spatial_dims, b.patch_size, b.depth, b.pool)
