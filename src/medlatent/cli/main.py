@@ -571,7 +571,7 @@ def embed(run: str, split: str, out: str | None, data_name: str | None, data_dir
 @click.option("--data", "data_name", default=None, help="Labelled data (default: the pretraining data).")
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
-def efficiency(run: str, fractions: tuple[float, ...], seeds: int, protocols: tuple[str, ...], epochs: float | None,
+def efficiency(run: str, fractions: tuple[float, ...], seeds: int, protocols: tuple[str, ...], epochs: int | None,
                min_steps: int | None, data_name: str | None, data_dir: str | None, device: str) -> None:
     """Label-efficiency curves: k-NN, linear probe, fine-tuning and the supervised baseline at
     several label fractions and seeds (mean and std), with a plot."""
@@ -702,7 +702,7 @@ def reconstruct(run: str, n: int, split: str, seed: int, out: str | None, data_d
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
 def adapt_cmd(source: str, data_name: str | None, strategy: str, rank: int | None, alpha: float | None,
-              lora_targets: str | None, prompts: int | None, shallow: bool, fraction: float, seed: int, epochs: float | None,
+              lora_targets: str | None, prompts: int | None, shallow: bool, fraction: float, seed: int, epochs: int | None,
               min_steps: int | None, heads: int | None, out: str | None, data_dir: str | None, device: str) -> None:
     """Adapt a pretrained encoder (a run folder, or ViT weights in timm/DINO/MAE layout) to a
     labelled task, training few parameters; writes the adapter (.safetensors + .json)."""
