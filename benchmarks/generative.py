@@ -36,7 +36,7 @@ def one(model: str, args: argparse.Namespace, out: Path) -> dict:
              *[a for kv in args.set for a in ("--set", kv)]]
     if args.evaluate_only:  # the run is trained already: judge it again
         ips = None
-        epochs = int(yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"])
+        epochs = float(yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"])
         train_s = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["time_s"]
     else:
         ips = images_per_second(train, out / f".calibrate-{model}")

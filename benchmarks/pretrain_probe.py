@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from calibrate import epochs_for_budget  # benchmarks/calibrate.py
 from medlatent.api import probe, run_pretraining
 from medlatent.config import PretrainConfig
 
@@ -92,7 +93,7 @@ def main() -> None:
     ips_calibrated = None
     if not epochs:
         ips_calibrated = calibrate(args, out_dir, args.calibrate_s)
-        epochs = max(0.05, round(0.92 * budget_s * ips_calibrated / n_train, 2))  # 8 % margin for checkpoints
+        epochs = epochs_for_budget(ips_calibrated, n_train, budget_s)
     cfg = make_config(args, epochs, budget_s)
     run_dir = out_dir / f"run-{args.method}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()

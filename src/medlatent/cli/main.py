@@ -347,14 +347,14 @@ def anomaly() -> None:
 @click.option("--data", "data_name", required=True, help="MedMNIST subset, .npz or folder (labelled).")
 @click.option("--normal", required=True, help="Normal class(es), e.g. 0 or 0,1; training sees only these.")
 @click.option("--detector", type=click.Choice(list(DETECTOR_METHODS)), default="ae", show_default=True)
-@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--epochs", type=float, default=30, show_default=True, help="Fractions allowed.")
 @click.option("--batch-size", type=int, default=None)
 @click.option("--time-budget", type=float, default=None)
 @click.option("--data-dir", default=None)
 @click.option("--device", default=None)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
 @click.option("--output", default=None)
-def anomaly_fit(data_name: str, normal: str, detector: str, epochs: int, batch_size: int | None,
+def anomaly_fit(data_name: str, normal: str, detector: str, epochs: float, batch_size: int | None,
                 time_budget: float | None, data_dir: str | None, device: str | None, sets: tuple[str, ...],
                 output: str | None) -> None:
     """Train a reconstruction detector (ae, dae, vae, ddpm) on the normal training images."""
@@ -430,14 +430,14 @@ def restore() -> None:
 @click.option("--model", type=click.Choice(["unet", "diffusion"]), default="unet", show_default=True,
               help="unet: supervised residual UNet; diffusion: conditional (paired) diffusion, Palette-style.")
 @click.option("--data", "data_name", default=None, help="Clean images: MedMNIST subset, .npz or folder.")
-@click.option("--epochs", type=int, default=20, show_default=True)
+@click.option("--epochs", type=float, default=20, show_default=True, help="Fractions allowed.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--time-budget", type=float, default=None)
 @click.option("--data-dir", default=None)
 @click.option("--device", default=None)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="e.g. method_options.sigmas=[0.1,0.2]")
 @click.option("--output", default=None)
-def restore_train(task: str, model: str, data_name: str | None, epochs: int, batch_size: int, time_budget: float | None,
+def restore_train(task: str, model: str, data_name: str | None, epochs: float, batch_size: int, time_budget: float | None,
                   data_dir: str | None, device: str | None, sets: tuple[str, ...], output: str | None) -> None:
     """Train a UNet (or a conditional diffusion model) to undo a simulated degradation of clean
     images, drawn fresh at every step."""
