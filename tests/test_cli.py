@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -102,9 +103,10 @@ def test_unknown_config_keys(capsys, tmp_path: Path):
 def test_channel_mismatch_and_existing_run(capsys, tmp_path: Path, real_data_dir: Path):
     data = write_stripes_npz(tmp_path / "s.npz", 64, 16, 16)
     run = tmp_path / "run"
-    code, out, err = run_cli(capsys, "pretrain", "--data", str(data), "--epochs", "1", "--batch-size", "32",
+    code, out, err = run_cli(capsys, "pretrain", "--data", str(data), "--epochs", "1.5", "--batch-size", "32",
                              "--output", str(run))
     assert code == 0, err
+    assert json.loads((run / "encoder_step.json").read_text())["step"] == 3  # 1.5 epochs of 2 steps
     code, _, err = run_cli(capsys, "probe", str(run), "--data", "bloodmnist", "--data-dir", str(real_data_dir))
     assert code == 1 and "takes 1-channel images but" in one_error_line(err)
     code, _, err = run_cli(capsys, "pretrain", "--data", str(data), "--output", str(run))
