@@ -50,7 +50,7 @@ def test_vit_readout_from_the_run_config():
     """backbone.pool picks the ViT's output: the CLS token (default) or the mean of the patch
     tokens; a saved config with another value is refused by name."""
     from medlatent.config import PretrainConfig, from_dict
-    from medlatent.ssl.registry import build_backbone
+    from medlatent.nets.backbones import build_backbone
 
     x = torch.randn(2, 1, 28, 28)
 
@@ -60,7 +60,7 @@ def test_vit_readout_from_the_run_config():
         if pool is not None:
             cfg.backbone.pool = pool
         torch.manual_seed(0)
-        return build_backbone(cfg, 1, 28, 2).eval()
+        return build_backbone(cfg.backbone, 1, 28, 2).eval()
 
     default, mean = encoder(None), encoder("mean")
     tokens = default.tokens(x)  # (B, 1 + L, D), same weights in both

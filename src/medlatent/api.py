@@ -59,9 +59,9 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
         should_stop: polled after every step; True saves a checkpoint and returns.
     """
     from medlatent.augment.views import ViewRecipe, resolve
-    from medlatent.nets.backbones import ViTEncoder
+    from medlatent.nets.backbones import ViTEncoder, build_backbone
     from medlatent.ssl.base import BuildContext
-    from medlatent.ssl.registry import build_backbone, get_method
+    from medlatent.ssl.registry import get_method
 
     run = RunDir(Path(output) if output else default_output(config or PretrainConfig()))
     if resume:
@@ -89,7 +89,7 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     device = resolve_device(cfg.train.device)
     dist.init_from_env(device)
     torch.manual_seed(cfg.train.seed)  # weight initialisation
-    encoder = build_backbone(cfg, data.channels, cfg.data.size, data.spatial_dims)
+    encoder = build_backbone(cfg.backbone, data.channels, cfg.data.size, data.spatial_dims)
     if spec.needs_vit and not isinstance(encoder, ViTEncoder):
         raise ConfigError(f"method {cfg.method} works on patch tokens and needs a ViT backbone "
                           f"(--backbone vit-tiny or vit-small), not {cfg.backbone.name}")

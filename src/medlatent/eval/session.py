@@ -42,7 +42,7 @@ def load_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
     Raises:
         CheckpointError: the folder is not a run, or it has no checkpoint yet.
     """
-    from medlatent.ssl.registry import build_backbone
+    from medlatent.nets.backbones import build_backbone
 
     run = RunDir(Path(run_dir))
     cfg = run.read_config()
@@ -57,7 +57,7 @@ def load_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
         raise CheckpointError(f"{run.path}: has no checkpoint yet (a run writes its first one at the end of "
                               f"epoch 1); nothing to evaluate")
     meta = run.read_json("data.json")
-    encoder = build_backbone(cfg, meta["channels"], meta["image_size"], meta["spatial_dims"])
+    encoder = build_backbone(cfg.backbone, meta["channels"], meta["image_size"], meta["spatial_dims"])
     missing, unexpected = encoder.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{source}: encoder weights do not match {cfg.backbone.name} "
@@ -67,8 +67,9 @@ def load_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
 
 def load_method(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any], int]:
     """The whole method of a run (encoder, heads, decoders, teachers) from its newest checkpoint."""
+    from medlatent.nets.backbones import build_backbone
     from medlatent.ssl.base import BuildContext
-    from medlatent.ssl.registry import build_backbone, get_method
+    from medlatent.ssl.registry import get_method
 
     run = RunDir(Path(run_dir))
     cfg = run.read_config()
@@ -78,7 +79,7 @@ def load_method(run_dir: str | Path, device: str | torch.device = "cpu") -> tupl
     meta = run.read_json("data.json")
     spec = get_method(cfg.method)
     options = from_dict(spec.options, cfg.method_options, "method_options")
-    encoder = build_backbone(cfg, meta["channels"], meta["image_size"], meta["spatial_dims"])
+    encoder = build_backbone(cfg.backbone, meta["channels"], meta["image_size"], meta["spatial_dims"])
     context = BuildContext(meta["n_images"], cfg.train.batch_size, meta["image_size"], meta["channels"],
                            meta["spatial_dims"], meta.get("condition_classes", 0))
     method = spec.build(encoder, options, context)
@@ -184,13 +185,13 @@ class RunEvaluation:
         """Fine-tuning of the pretrained encoder, or (supervised=True) the same architecture
         trained from scratch, on a label subset; evaluated at its best val epoch."""
         from medlatent.eval.features import predict_scores
-        from medlatent.ssl.registry import build_backbone
+        from medlatent.nets.backbones import build_backbone
 
         train = self.split("train")
         idx = label_fraction(train.labels, fraction, seed, self.multi_label)
         if supervised:
             torch.manual_seed(seed)
-            encoder = build_backbone(self.cfg, self.data.channels, self.meta["image_size"], self.meta["spatial_dims"])
+            encoder = build_backbone(self.cfg.backbone, self.data.channels, self.meta["image_size"], self.meta["spatial_dims"])
         else:
             encoder = self.encoder
         model, _, steps = finetune(encoder, train.subset(idx), self.split("val"), self.task, self.data.n_classes,

@@ -13,6 +13,7 @@ import torch.nn as nn
 from monai.networks.blocks import PatchEmbeddingBlock, TransformerBlock
 from monai.networks.nets import ResNet
 
+from medlatent.config import BackboneConfig
 from medlatent.errors import ConfigError
 
 
@@ -185,3 +186,8 @@ def build_encoder(name: str, in_channels: int, img_size: int, spatial_dims: int 
                           hidden_size=dim, depth=depth or 12, num_heads=heads, spatial_dims=spatial_dims,
                           pool=pool)
     raise ConfigError(f"backbone.name: unknown encoder '{name}' (known: {', '.join(ENCODERS)})")
+
+
+def build_backbone(cfg: BackboneConfig, in_channels: int, img_size: int, spatial_dims: int) -> nn.Module:
+    """The encoder a run's ``backbone`` config describes (name, patch size, depth, ViT read-out)."""
+    return build_encoder(cfg.name, in_channels, img_size, spatial_dims, cfg.patch_size, cfg.depth, cfg.pool)

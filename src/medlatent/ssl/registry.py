@@ -4,11 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-import torch.nn as nn
-
-from medlatent.config import PretrainConfig
 from medlatent.errors import ConfigError
-from medlatent.nets.backbones import build_encoder
 from medlatent.ssl.base import MethodSpec
 
 # name -> module defining SPEC; imported on demand so listing methods stays cheap.
@@ -56,9 +52,3 @@ def upgrade_saved_options(method: object, options: object) -> object:
         return options
     spec = get_method(method) if method in _known() else None
     return spec.upgrade_saved(options) if spec is not None and spec.upgrade_saved else options
-
-
-def build_backbone(cfg: PretrainConfig, in_channels: int, img_size: int, spatial_dims: int) -> nn.Module:
-    """The encoder a run's config describes (name, patch size, depth, ViT read-out)."""
-    b = cfg.backbone
-    return build_encoder(b.name, in_channels, img_size, spatial_dims, b.patch_size, b.depth, b.pool)
