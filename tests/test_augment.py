@@ -148,6 +148,19 @@ def test_orientation_defaults_depend_on_the_data():
     assert resolve(ViewConfig(vflip=0.3), "pneumoniamnist").vflip == 0.3
 
 
+def test_blood_smear_views_keep_their_stain_colour():
+    # A flat-coloured image: geometry cannot change its pixels, only colour distortion can.
+    x = torch.tensor([0.8, 0.3, 0.5]).view(1, 3, 1, 1).expand(16, 3, 28, 28).contiguous()
+    blood = augment(x, resolve(ViewConfig(), "bloodmnist"), 28, gen())
+    assert torch.allclose(blood, x, atol=1e-5)
+    path = augment(x, resolve(ViewConfig(), "pathmnist"), 28, gen())
+    assert (path - x).abs().amax(dim=(1, 2, 3)).gt(0.01).sum() >= 8  # most of 16 jittered (p = 0.8)
+    # an explicit setting wins over the data set's default
+    cfg = resolve(ViewConfig(color_jitter=0.8, grayscale=0.2), "bloodmnist")
+    assert (cfg.color_jitter, cfg.grayscale) == (0.8, 0.2)
+    assert not torch.allclose(augment(x, cfg, 28, gen()), x, atol=1e-2)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_views_on_gpu_match_shapes():
     x = (batch() * 255).to(torch.uint8).cuda()

@@ -256,10 +256,12 @@ class ViewConfig:
     rot90: float | None = None
     # Free rotation in degrees (0 disables).
     rotation_degrees: float = 0.0
-    # RGB colour jitter (SimCLR strength s: brightness/contrast/saturation 0.8s, hue 0.2s).
-    color_jitter: float = 0.8
+    # RGB colour jitter (SimCLR strength s: brightness/contrast/saturation 0.8s, hue 0.2s) and
+    # random grayscale. None lets the data set decide: SimCLR's 0.8 and 0.2, except where the
+    # stain colour is what tells the classes apart (blood smears), where both are off.
+    color_jitter: float | None = None
     color_jitter_strength: float = 0.5
-    grayscale: float = 0.2
+    grayscale: float | None = None
     # Grayscale intensity jitter (brightness, contrast, gamma) in place of colour jitter.
     intensity_jitter: float = 0.8
     intensity_strength: float = 0.4

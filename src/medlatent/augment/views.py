@@ -22,14 +22,29 @@ from medlatent.data.store import to_float
 # have an up and a down.
 ORIENTATION_FREE = frozenset({"bloodmnist", "pathmnist", "tissuemnist", "dermamnist"})
 
+# Subsets where colour is the class signal rather than a nuisance, so colour jitter and random
+# grayscale would teach the encoder to discard it. In a peripheral blood smear (one staining
+# protocol for the whole set) eosinophils are told by red-orange granules, basophils by dark
+# purple ones, erythroblasts and platelets by their stain. Measured on BloodMNIST: SimCLR, 5
+# CPU-minutes, linear probe 0.808 with SimCLR's colour distortion, 0.859 without (README).
+# Pathology and dermoscopy keep the jitter: there stain and camera colour vary between sites.
+COLOUR_IS_CLASS = frozenset({"bloodmnist"})
+
 
 def resolve(cfg: ViewConfig, data_name: str) -> ViewConfig:
-    """Fill the data-dependent defaults (vflip, rot90) of a view config."""
+    """Fill the data-dependent defaults (vflip, rot90, color_jitter, grayscale) of a view config."""
     free = data_name.lower() in ORIENTATION_FREE
+    colour_is_class = data_name.lower() in COLOUR_IS_CLASS
+
+    def pick(value: float | None, default: float) -> float:
+        return value if value is not None else default
+
     return dataclasses.replace(
         cfg,
-        vflip=cfg.vflip if cfg.vflip is not None else (0.5 if free else 0.0),
-        rot90=cfg.rot90 if cfg.rot90 is not None else (0.5 if free else 0.0),
+        vflip=pick(cfg.vflip, 0.5 if free else 0.0),
+        rot90=pick(cfg.rot90, 0.5 if free else 0.0),
+        color_jitter=pick(cfg.color_jitter, 0.0 if colour_is_class else 0.8),
+        grayscale=pick(cfg.grayscale, 0.0 if colour_is_class else 0.2),
     )
 
 
@@ -44,13 +59,14 @@ def augment(x: torch.Tensor, cfg: ViewConfig, size: int, g: torch.Generator) -> 
     """One augmented view of a float batch in [0, 1]: (B, C, *S) -> (B, C, *size), in [0, 1].
 
     The order is SimCLR's: crop and flip, then photometric distortion, then blur. Geometry is
-    one resampling and colour one matrix product per sample (see ops.py).
+    one resampling and colour one matrix product per sample (see ops.py). ``cfg`` is a
+    :func:`resolve`-d config; a data-dependent field left at None counts as off.
     """
     v = ops.random_geometry(x, size, g, cfg.crop_scale, cfg.crop_ratio, cfg.hflip, cfg.vflip or 0.0,
                             cfg.rot90 or 0.0, cfg.rotation_degrees)  # one resampling
     if x.shape[1] == 3:
         s = cfg.color_jitter_strength
-        v = ops.color_jitter(v, cfg.color_jitter, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, g, cfg.grayscale)
+        v = ops.color_jitter(v, cfg.color_jitter or 0.0, 0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s, g, cfg.grayscale or 0.0)
     else:
         v = ops.intensity_jitter(v, cfg.intensity_jitter, cfg.intensity_strength, g)
     if cfg.blur:
