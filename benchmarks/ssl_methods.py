@@ -72,6 +72,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--calibrate-s", type=float, default=20.0, help="seconds of the img/s calibration run")
     ap.add_argument("--out-dir", default="benchmarks/out/ssl_methods")
+    ap.add_argument("--set", dest="sets", action="append", default=[],
+                    help="section.key=value override for every method (e.g. views.color_jitter=0.8)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     out = Path(args.out_dir)
@@ -87,7 +89,7 @@ def main() -> None:
                        "--backbone", backbone, "--budget-min", str(args.budget_min), "--out-dir", str(out),
                        "--name", name, "--batch-size", str(args.batch_size),
                        "--calibrate-s", str(args.calibrate_s)]
-                for s in sets:
+                for s in sets + args.sets:
                     cmd += ["--set", s]
                 print(" ".join(cmd), flush=True)
                 res = subprocess.run(cmd, capture_output=True, text=True)
