@@ -40,7 +40,8 @@ PUBLISHED = {
 def table(out_dir: Path, datasets: list[str]) -> str:
     lines = []
     for data in datasets:
-        lines.append(f"\n**{data}** (test split)\n")
+        budgets = sorted({json.loads(f.read_text())["budget_min"] for f in out_dir.glob(f"*_{data}.json")})
+        lines.append(f"\n**{data}** (test split; {' / '.join(f'{b:g}' for b in budgets)} min of pretraining per method)\n")
         lines.append("| method | backbone | epochs | img/s | peak memory | k-NN ACC | k-NN AUC | linear ACC | linear AUC |")
         lines.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for name in METHODS:
@@ -94,7 +95,6 @@ def main() -> None:
                 print(" ".join(cmd), flush=True)
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 print(res.stdout.strip().splitlines()[-1] if res.returncode == 0 else res.stderr[-2000:], flush=True)
-    print(f"budget: {args.budget_min} min of pretraining per method and data set, then the probes")
     print(table(out, args.data))
 
 
