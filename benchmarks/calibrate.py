@@ -27,9 +27,15 @@ def images_per_second(train_args: list[str], tmp: Path, seconds: float = 25.0) -
     shutil.rmtree(tmp, ignore_errors=True)
     run_cli(*train_args, "--epochs", "1000", "--time-budget", str(seconds), "--output", str(tmp),
             "--set", "train.log_every=2")
-    rates = [json.loads(x).get("images_per_s") for x in (tmp / "metrics.jsonl").read_text().splitlines()]
-    rates = [r for r in rates if r][1:] or [r for r in rates if r]
+    ips = median_images_per_second(tmp)
     shutil.rmtree(tmp, ignore_errors=True)
+    return ips
+
+
+def median_images_per_second(run: Path) -> float:
+    """Median img/s over a run's logged windows, the first (warm-up) window dropped."""
+    rates = [json.loads(x).get("images_per_s") for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rates = [r for r in rates if r][1:] or [r for r in rates if r]
     return sorted(rates)[len(rates) // 2]
 
 

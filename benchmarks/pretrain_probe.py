@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from calibrate import epochs_for_budget  # benchmarks/calibrate.py
+from calibrate import epochs_for_budget, median_images_per_second  # benchmarks/calibrate.py
 from medlatent.api import probe, run_pretraining
 from medlatent.config import PretrainConfig
 
@@ -65,10 +65,9 @@ def calibrate(args: argparse.Namespace, out_dir: Path, seconds: float = 20.0) ->
     cfg = make_config(args, 1000, seconds)
     cfg.train.log_every = 2
     run, _ = run_pretraining(cfg, tmp)
-    rates = [json.loads(x).get("images_per_s") for x in (run / "metrics.jsonl").read_text().splitlines()]
-    rates = [r for r in rates if r][1:] or [r for r in rates if r]
+    ips = median_images_per_second(run)
     shutil.rmtree(tmp, ignore_errors=True)
-    return sorted(rates)[len(rates) // 2]
+    return ips
 
 
 def main() -> None:
