@@ -4,12 +4,18 @@ budget on this machine, each in its own process (so peak memory is its own), the
     python benchmarks/ssl_methods.py --budget-min 8          # CPU: ResNet-18/4 and ViT-tiny
     python benchmarks/ssl_methods.py --budget-min 1 --resnet resnet18 --batch-size 512   # GPU
     python benchmarks/ssl_methods.py --table-only             # re-print the table from results
+    python benchmarks/ssl_methods.py --methods mocov2 --seeds 1 2   # repeats: mean and spread per method
+
+The main table is seed 0 (the config default); `--seeds` adds runs of the same command with
+`train.seed=N` (weights, views and data order), kept as `{method}-seed{N}_{data}.json`, and a
+second table of mean and standard deviation over every seed present.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +69,45 @@ def table(out_dir: Path, datasets: list[str]) -> str:
     return "\n".join(lines)
 
 
+def seed_table(out_dir: Path, datasets: list[str]) -> str:
+    """Test ACC over repeated seeds: one row per method with at least one `-seed{N}` result."""
+    lines = []
+    for data in datasets:
+        rows = []
+        for name in METHODS:
+            files = sorted(out_dir.glob(f"{name}-seed*_{data}.json"))
+            if not files or not (out_dir / f"{name}_{data}.json").exists():
+                continue
+            runs = [json.loads((out_dir / f"{name}_{data}.json").read_text())]
+            runs += [json.loads(f.read_text()) for f in files]
+            cells = []
+            for protocol in ("knn_test", "linear_test"):
+                accs = [r[protocol]["acc"] for r in runs]
+                cells.append(" / ".join(f"{a:.3f}" for a in accs))
+                cells.append(f"{statistics.mean(accs):.3f} ± {statistics.stdev(accs):.3f}")
+            rows.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+        if rows:
+            lines.append(f"\n**{data}**, repeated seeds (seed 0 first; mean ± sample std)\n")
+            lines.append("| method | runs | k-NN ACC per seed | k-NN mean | linear ACC per seed | linear mean |")
+            lines.append("| --- | --- | --- | --- | --- | --- |")
+            lines += rows
+    return "\n".join(lines)
+
+
+def pretrain_command(name: str, data: str, args: argparse.Namespace, seed: int) -> list[str]:
+    """The pretrain_probe.py call for one (method, data set, seed); seed 0 keeps the plain name."""
+    backbone, sets = METHODS[name]
+    backbone = args.vit if backbone.startswith("vit") else args.resnet
+    method = name.split("-triplet")[0]
+    cmd = [sys.executable, "benchmarks/pretrain_probe.py", "--method", method, "--data", data,
+           "--backbone", backbone, "--budget-min", str(args.budget_min), "--out-dir", args.out_dir,
+           "--name", name if seed == 0 else f"{name}-seed{seed}", "--batch-size", str(args.batch_size),
+           "--calibrate-s", str(args.calibrate_s)]
+    for s in sets + args.sets + ([f"train.seed={seed}"] if seed else []):
+        cmd += ["--set", s]
+    return cmd
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-min", type=float, default=8.0)
@@ -75,27 +120,25 @@ def main() -> None:
     ap.add_argument("--out-dir", default="benchmarks/out/ssl_methods")
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="section.key=value override for every method (e.g. views.color_jitter=0.8)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[],
+                    help="run these seeds instead of seed 0 (the main table), e.g. --seeds 1 2")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     out = Path(args.out_dir)
     if not args.table_only:
         for data in args.data:
             for name in args.methods:
-                if (out / f"{name}_{data}.json").exists():
-                    continue  # resumable: finished pairs are kept
-                backbone, sets = METHODS[name]
-                backbone = args.vit if backbone.startswith("vit") else args.resnet
-                method = name.split("-triplet")[0]
-                cmd = [sys.executable, "benchmarks/pretrain_probe.py", "--method", method, "--data", data,
-                       "--backbone", backbone, "--budget-min", str(args.budget_min), "--out-dir", str(out),
-                       "--name", name, "--batch-size", str(args.batch_size),
-                       "--calibrate-s", str(args.calibrate_s)]
-                for s in sets + args.sets:
-                    cmd += ["--set", s]
-                print(" ".join(cmd), flush=True)
-                res = subprocess.run(cmd, capture_output=True, text=True)
-                print(res.stdout.strip().splitlines()[-1] if res.returncode == 0 else res.stderr[-2000:], flush=True)
+                for seed in args.seeds or [0]:
+                    result = out / f"{name if seed == 0 else f'{name}-seed{seed}'}_{data}.json"
+                    if result.exists():
+                        continue  # resumable: finished runs are kept
+                    cmd = pretrain_command(name, data, args, seed)
+                    print(" ".join(cmd), flush=True)
+                    res = subprocess.run(cmd, capture_output=True, text=True)
+                    print(res.stdout.strip().splitlines()[-1] if res.returncode == 0 else res.stderr[-2000:],
+                          flush=True)
     print(table(out, args.data))
+    print(seed_table(out, args.data))
 
 
 if __name__ == "__main__":

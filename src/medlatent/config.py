@@ -214,6 +214,8 @@ class TrainConfig:
     # Global batch (split across processes under torchrun). Contrastive methods want many
     # negatives; 256 fits a 2-core CPU at 28 px.
     batch_size: int = 256
+    # Weight initialisation, data order, views and masks all derive from it (step-indexed, so a
+    # resumed run draws what the uninterrupted one would have).
     seed: int = 0
     # auto: bf16 autocast where the hardware has bf16 matmul (AVX-512 BF16/AMX CPUs, Ampere+
     # GPUs), else fp32. bf16 is ~3x faster on a Zen 4 CPU but ~12x slower on an AVX2-only one.
