@@ -94,14 +94,19 @@ def seed_table(out_dir: Path, datasets: list[str]) -> str:
     return "\n".join(lines)
 
 
+def run_name(name: str, seed: int) -> str:
+    """Result name of one run: seed 0 (the main table) keeps the method's name."""
+    return name if seed == 0 else f"{name}-seed{seed}"
+
+
 def pretrain_command(name: str, data: str, args: argparse.Namespace, seed: int) -> list[str]:
-    """The pretrain_probe.py call for one (method, data set, seed); seed 0 keeps the plain name."""
+    """The pretrain_probe.py call for one (method, data set, seed)."""
     backbone, sets = METHODS[name]
     backbone = args.vit if backbone.startswith("vit") else args.resnet
     method = name.split("-triplet")[0]
     cmd = [sys.executable, "benchmarks/pretrain_probe.py", "--method", method, "--data", data,
            "--backbone", backbone, "--budget-min", str(args.budget_min), "--out-dir", args.out_dir,
-           "--name", name if seed == 0 else f"{name}-seed{seed}", "--batch-size", str(args.batch_size),
+           "--name", run_name(name, seed), "--batch-size", str(args.batch_size),
            "--calibrate-s", str(args.calibrate_s)]
     for s in sets + args.sets + ([f"train.seed={seed}"] if seed else []):
         cmd += ["--set", s]
@@ -129,8 +134,7 @@ def main() -> None:
         for data in args.data:
             for name in args.methods:
                 for seed in args.seeds or [0]:
-                    result = out / f"{name if seed == 0 else f'{name}-seed{seed}'}_{data}.json"
-                    if result.exists():
+                    if (out / f"{run_name(name, seed)}_{data}.json").exists():
                         continue  # resumable: finished runs are kept
                     cmd = pretrain_command(name, data, args, seed)
                     print(" ".join(cmd), flush=True)
