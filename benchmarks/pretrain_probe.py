@@ -60,7 +60,8 @@ def make_config(args: argparse.Namespace, epochs: float, budget_s: float) -> Pre
 
 def calibrate(args: argparse.Namespace, out_dir: Path, seconds: float = 20.0) -> float:
     """Images per second of this method here, from a short throwaway run (first steps excluded)."""
-    tmp = out_dir / f".calibrate-{args.method}-{args.data}"
+    # one folder per process: two runs of one method and data set (seeds) may calibrate at once
+    tmp = out_dir / f".calibrate-{args.name or args.method}-{args.data}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     cfg = make_config(args, 1000, seconds)
     cfg.train.log_every = 2
