@@ -72,13 +72,15 @@ def test_retrieval_precision_matches_a_naive_count():
     assert precision_at_k(q_y, gal_y, nb) == pytest.approx(naive)
 
 
-def test_crossover_reports_the_smallest_winning_fraction():
+def test_crossover_reports_where_each_protocol_wins_and_loses():
     s = [dict(protocol=p, split="test", fraction=f, acc=a) for p, f, a in [
         ("supervised", 0.01, 0.5), ("supervised", 0.1, 0.7), ("supervised", 1.0, 0.9),
         ("linear", 0.01, 0.6), ("linear", 0.1, 0.75), ("linear", 1.0, 0.85), ("finetune", 0.01, 0.4)]]
     c = crossover(s)
-    assert c["linear"]["smallest"] == 0.01 and c["linear"]["beats_scratch_at"] == [0.01, 0.1]
-    assert c["finetune"]["smallest"] is None
+    assert [w["fraction"] for w in c["linear"]["wins"]] == [0.01, 0.1]
+    assert [w["fraction"] for w in c["linear"]["losses"]] == [1.0]
+    assert c["linear"]["losses"][0]["margin_points"] == pytest.approx(-5.0)
+    assert c["finetune"]["wins"] == [] and c["finetune"]["losses"][0]["margin_points"] == pytest.approx(-10.0)
 
 
 def test_label_efficiency_end_to_end(capsys, tiny_run: Path):
@@ -90,7 +92,7 @@ def test_label_efficiency_end_to_end(capsys, tiny_run: Path):
     assert protocols == {"knn", "linear", "finetune", "supervised"}
     ten = [r for r in result["summary"] if r["fraction"] == 0.1]
     assert all(r["n_seeds"] == 2 and r["n_labels"] == 26 for r in ten)  # ceil(10 %) of each class, ~128 + ~128
-    assert (tiny_run / "label_efficiency.png").is_file() and "beats training from scratch" in out
+    assert (tiny_run / "label_efficiency.png").is_file() and "vs training from scratch" in out
     code, _, err = run_cli(capsys, "efficiency", str(tiny_run), "--protocol", "magic")
     assert code == 1 and "unknown protocol" in one_error_line(err)
 

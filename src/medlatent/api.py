@@ -12,6 +12,7 @@ over them. Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from medlatent import dist
-from medlatent.config import DataConfig, PretrainConfig, from_dict, to_dict
+from medlatent.config import DataConfig, PretrainConfig, check_ranges, from_dict, to_dict
 from medlatent.data.sources import load_dataset
 from medlatent.data.store import Dataset, channel_stats
 from medlatent.errors import ConfigError, DataError
@@ -45,34 +46,130 @@ def pretrain(config: PretrainConfig | None = None, output: str | Path | None = N
     return run_pretraining(config, output, resume, on_progress, should_stop)[0]
 
 
+# Flags that may accompany --resume: they change where and for how long the run goes on, never
+# what it computes. Every other key comes from the run's own config.yaml.
+RESUME_OVERRIDES = ("train.device", "train.time_budget_s")
+
+
 def run_pretraining(config: PretrainConfig | None = None, output: str | Path | None = None, resume: bool = False,
                     on_progress: Callable[[Progress], None] | None = None,
-                    should_stop: Callable[[], bool] | None = None) -> tuple[Path, FitResult]:
+                    should_stop: Callable[[], bool] | None = None,
+                    overrides: dict[str, Any] | None = None) -> tuple[Path, FitResult]:
     """Pretrain an encoder without labels; returns the run folder and how training ended.
+
+    Everything that can be checked is checked before the run folder is created (config ranges,
+    data, batch size against the split, memory), so a refused run leaves nothing behind. The
+    folder is then owned by this process (an OS lock) until training ends; a run that fails
+    before its first checkpoint removes what it wrote.
 
     Args:
         config: the run's configuration (default: SimCLR on BloodMNIST); ignored on resume,
             where the run folder's own config is used.
         output: run folder (default ``runs/<data>-<method>-<time>``).
-        resume: continue the run in ``output`` from its newest checkpoint.
+        resume: continue the run in ``output`` from its newest intact checkpoint.
         on_progress: called after every step with a :class:`Progress`.
         should_stop: polled after every step; True saves a checkpoint and returns.
+        overrides: on resume only, new values for the keys in :data:`RESUME_OVERRIDES`
+            (e.g. ``{"train.device": "cuda"}``).
+
+    Raises:
+        ConfigError, DataError: the run was refused (nothing written).
+        RunInUse: another process is training in ``output``.
     """
+    run = RunDir(Path(output) if output else default_output(config or PretrainConfig()))
+    if run.path.exists() and not run.path.is_dir():
+        raise ConfigError(f"{run.path}: is a file; --output must be a run folder")
+    main = dist.launched_rank() == 0  # under torchrun, rank 0 owns the folder for all ranks
+    if resume:
+        run.read_config()  # not a run folder: one line, and no folder or lock file is created
+        with run.lock() if main else contextlib.nullcontext():
+            cfg = _with_overrides(run.read_config(), overrides or {})
+            return run.path, _train(run, cfg, True, on_progress, should_stop)
+    if overrides:
+        raise ConfigError("overrides apply to a resumed run only")
+    cfg = dataclasses.replace(config) if config else PretrainConfig()
+    check_ranges(cfg)
+    if main:
+        _refuse_used(run)
+    created = not run.path.exists()
+    plan = _plan(cfg)  # reads the data and builds the model: nothing is written yet
+    if not main:
+        return run.path, _train(run, cfg, False, on_progress, should_stop, plan)
+    with run.lock():
+        _refuse_used(run)  # another process may have started a run here meanwhile
+        try:
+            return run.path, _train(run, cfg, False, on_progress, should_stop, plan)
+        except BaseException:
+            if not run.has_checkpoint():
+                _remove_unstarted(run, created)
+            raise
+
+
+def _refuse_used(run: RunDir) -> None:
+    if run.exists() or run.has_checkpoint():
+        raise ConfigError(f"{run.path}: already holds a run; continue it with --resume or choose another --output")
+
+
+def _with_overrides(cfg: PretrainConfig, overrides: dict[str, Any]) -> PretrainConfig:
+    """``cfg`` with the resume-safe keys replaced; any other key is refused by name."""
+    for key, value in overrides.items():
+        if key not in RESUME_OVERRIDES:
+            raise ConfigError(f"{key}: cannot change on --resume (it would change the run); only "
+                              f"{', '.join(RESUME_OVERRIDES)} can")
+        section, name = key.split(".")
+        tree = to_dict(getattr(cfg, section))
+        tree[name] = value
+        setattr(cfg, section, from_dict(type(getattr(cfg, section)), tree, section))
+    return cfg
+
+
+def _remove_unstarted(run: RunDir, created: bool) -> None:
+    """Undo what a run wrote before it failed without a checkpoint, so ``--output`` can be reused."""
+    import shutil
+
+    if created:
+        shutil.rmtree(run.path, ignore_errors=True)
+        return
+    for name in ("config.yaml", "data.json", "env.json", "metrics.jsonl", ".lock"):
+        (run.path / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "maps"):
+        shutil.rmtree(run.path / name, ignore_errors=True)
+
+
+@dataclasses.dataclass
+class _Plan:
+    """What a run trains: the method, its images and views, where and how."""
+
+    spec: Any
+    data: Dataset
+    images: torch.Tensor  # (N, C, *S) the training split
+    labels: torch.Tensor | None  # (N,) class labels for class-conditional models
+    method: nn.Module
+    recipe: Any
+    mean: list[float]
+    std: list[float]
+    n_classes: int
+    device: torch.device
+
+
+def _plan(cfg: PretrainConfig) -> _Plan:
+    """Resolve and check everything a run needs, writing nothing: method options, data, the
+    training split, the model, the views, and whether it all fits in memory."""
     from medlatent.augment.views import ViewRecipe, resolve
+    from medlatent.data.sources import estimate_store_bytes
     from medlatent.nets.backbones import ViTEncoder, build_backbone
     from medlatent.ssl.base import BuildContext
     from medlatent.ssl.registry import get_method
+    from medlatent.train import memory
 
-    run = RunDir(Path(output) if output else default_output(config or PretrainConfig()))
-    if resume:
-        cfg = run.read_config()
-    else:
-        cfg = dataclasses.replace(config) if config else PretrainConfig()
-        if run.exists() or run.has_checkpoint():
-            raise ConfigError(f"{run.path}: already holds a run; continue it with --resume or choose another --output")
     spec = get_method(cfg.method)
     options = from_dict(spec.options, cfg.method_options, "method_options")
     cfg.method_options = to_dict(options)
+    device = resolve_device(cfg.train.device)
+    store = estimate_store_bytes(cfg.data)
+    if store is not None:
+        memory.require(store[0], f"{cfg.data.name}: loading the images ({store[1]})", device,
+                       "choose a smaller --size or fewer images")
 
     data = load_dataset(cfg.data)
     train_split = data.split(cfg.data.split)
@@ -86,19 +183,22 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     images = train_split.images
     if data.image_size != cfg.data.size:
         raise DataError(f"{data.source}: images are {data.image_size} px but data.size is {cfg.data.size}")
-    device = resolve_device(cfg.train.device)
+    if len(images) < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(images)} "
+                          f"{cfg.data.split} images of {data.source or data.name}; lower --batch-size")
     dist.init_from_env(device)
     torch.manual_seed(cfg.train.seed)  # weight initialisation
     encoder = build_backbone(cfg.backbone, data.channels, cfg.data.size, data.spatial_dims)
     if spec.needs_vit and not isinstance(encoder, ViTEncoder):
         raise ConfigError(f"method {cfg.method} works on patch tokens and needs a ViT backbone "
                           f"(--backbone vit-tiny or vit-small), not {cfg.backbone.name}")
-    labels = None  # class labels (N,) for class-conditional generative models only
+    labels = None
     if spec.uses_labels and getattr(options, "conditional", False) and data.task is not None \
             and not data.task.startswith("multi-label"):
         labels = train_split.labels[:, 0]
+    n_classes = data.n_classes if labels is not None else 0
     context = BuildContext(len(images), cfg.train.batch_size, data.image_size, data.channels, data.spatial_dims,
-                           data.n_classes if labels is not None else 0)
+                           n_classes)
     method = spec.build(encoder, options, context)
     if spec.pixel_range == "symmetric":  # (x - 0.5) / 0.5: images in [-1, 1]
         mean, std = [0.5] * data.channels, [0.5] * data.channels
@@ -107,30 +207,43 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     else:
         mean, std = channel_stats(images)
     recipe = ViewRecipe(spec.views(resolve(cfg.views, data.name), cfg.data.size, options), mean, std)
-    autocast = resolve_precision(cfg.train.precision, device)
-    channels_last = resolve_channels_last(cfg.train.channels_last, encoder)
+    per_rank = cfg.train.batch_size // dist.world_size()
+    need = memory.step_bytes(method, encoder, data.channels, [size for _, size in recipe.views],
+                             data.spatial_dims, per_rank)
+    memory.require(need, f"one training step ({cfg.backbone.name}, batch {per_rank}, {len(recipe.views)} views "
+                         f"of up to {max(size for _, size in recipe.views)} px)", device,
+                   "lower --batch-size or --size")
+    return _Plan(spec, data, images, labels, method, recipe, mean, std, n_classes, device)
 
+
+def _train(run: RunDir, cfg: PretrainConfig, resume: bool, on_progress: Callable[[Progress], None] | None,
+           should_stop: Callable[[], bool] | None, plan: _Plan | None = None) -> FitResult:
+    """Write the run's config and facts, train, and export the encoder when finished."""
+    plan = plan or _plan(cfg)
+    data, method, device = plan.data, plan.method, plan.device
+    autocast = resolve_precision(cfg.train.precision, device)
+    channels_last = resolve_channels_last(cfg.train.channels_last, method.encoder)
     if dist.is_main():
         run.write_config(cfg)
         run.write_json("data.json", dict(
             name=data.name, source=data.source, task=data.task, class_names=list(data.class_names),
             channels=data.channels, spatial_dims=data.spatial_dims, image_size=data.image_size,
-            split=cfg.data.split, n_images=len(images), mean=mean, std=std,
-            condition_classes=context.n_classes))
+            split=cfg.data.split, n_images=len(plan.images), mean=plan.mean, std=plan.std,
+            condition_classes=plan.n_classes))
         run.write_json("env.json", environment(dict(
             device=str(device), world_size=dist.world_size(),
             autocast=str(autocast).replace("torch.", "") if autocast else "fp32",
             channels_last=channels_last, resumed=resume)))
     on_epoch_end = None
     if cfg.train.map_every and dist.is_main():
-        on_epoch_end = _map_during_training(method.encoder, data, cfg, mean, std, device, run)
+        on_epoch_end = _map_during_training(method.encoder, data, cfg, plan.mean, plan.std, device, run)
         if not run.has_checkpoint():
             on_epoch_end(0, 0)  # the map before any training
-    result = fit(method, images, recipe, cfg, run, device, autocast, channels_last, on_progress, should_stop,
-                 on_epoch_end, labels)
-    if result.status == "finished" and dist.is_main() and spec.exports_encoder:
+    result = fit(method, plan.images, plan.recipe, cfg, run, device, autocast, channels_last, on_progress,
+                 should_stop, on_epoch_end, plan.labels)
+    if result.status == "finished" and dist.is_main() and plan.spec.exports_encoder:
         export_encoder(run, method.encoder, cfg, result.step)
-    return run.path, result
+    return result
 
 
 def _map_during_training(encoder: nn.Module, data: Dataset, cfg: PretrainConfig, mean: list[float],

@@ -8,6 +8,7 @@ that is unknown or mistyped, e.g. ``config.yaml: optim.lrr is not a known key (k
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -40,7 +41,53 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config
         if key not in names:
             raise ConfigError(f"{where}.{key} is not a known key (known: {', '.join(names)})")
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_ranges(obj, where, recurse=False)  # nested dataclasses were checked when built
+    return obj
+
+
+def bounded(default: Any, *, gt: float | None = None, ge: float | None = None, lt: float | None = None,
+            le: float | None = None, ordered: bool = False) -> Any:
+    """A dataclass field whose value (or each item of a tuple value) must lie in a range.
+
+    ``ordered=True`` also asks a pair such as ``(low, high)`` to have low <= high. Checked by
+    :func:`check_ranges`; None values (optional fields) are not checked.
+    """
+    return field(default=default, metadata=dict(gt=gt, ge=ge, lt=lt, le=le, ordered=ordered))
+
+
+def check_ranges(obj: Any, where: str = "config", recurse: bool = True) -> None:
+    """Reject out-of-range values of a config dataclass, naming the key.
+
+    Every float must be finite (no NaN or infinity); fields made with :func:`bounded` must lie
+    in their range.
+
+    Raises:
+        ConfigError: ``where.key: value is out of range (must be > 0)``.
+    """
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{where}.{f.name}"
+        if dataclasses.is_dataclass(value):
+            if recurse:
+                check_ranges(value, key)
+            continue
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{key}: {value!r} is not a finite number")
+            if f.metadata and isinstance(item, (int, float)) and not isinstance(item, bool):
+                _check_bounds(item, f.metadata, key, value)
+        if f.metadata.get("ordered") and len(items) == 2 and items[0] > items[1]:
+            raise ConfigError(f"{key}: {list(value)} must be [low, high] with low <= high")
+
+
+def _check_bounds(x: float, m: Mapping[str, Any], key: str, value: Any) -> None:
+    rules = [("gt", lambda a, b: a > b, ">"), ("ge", lambda a, b: a >= b, ">="),
+             ("lt", lambda a, b: a < b, "<"), ("le", lambda a, b: a <= b, "<=")]
+    for name, ok, sign in rules:
+        if m.get(name) is not None and not ok(x, m[name]):
+            wanted = " and ".join(f"{s} {m[n]:g}" for n, _, s in rules if m.get(n) is not None)
+            raise ConfigError(f"{key}: {value!r} is out of range (must be {wanted})")
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -143,22 +190,22 @@ class DataConfig:
     name: str = "bloodmnist"
     # Image side in pixels. MedMNIST ships 28, 64, 128 and 224; 28 px is the CPU working size
     # (64 px costs ~5x per step on a 2-core machine).
-    size: int = 28
+    size: int = bounded(28, ge=8, le=4096)
     # Where data files live; None means $MEDLATENT_DATA, else ~/.cache/medlatent.
     data_dir: str | None = None
     # Split used for pretraining. Labels are never read by the self-supervised methods.
     split: str = "train"
     # Train only on the images of these classes (anomaly detection: the normal classes);
     # None: every image. Evaluation always sees every class.
-    classes: list[int] | None = None
+    classes: list[int] | None = bounded(None, ge=0)
     # 2 for images, 3 for volumes (MedMNIST 3-D subsets, NIfTI folders).
-    spatial_dims: int = 2
+    spatial_dims: int = bounded(2, ge=2, le=3)
     # Intensity normalisation for image folders: "none" keeps 8-bit values, "percentile" maps
     # the 0.5-99.5 percentiles to [0, 1] (robust for 16-bit microscopy/X-ray), "window" uses
     # window_center/window_width (CT in Hounsfield units).
     normalize: Literal["none", "percentile", "window"] = "percentile"
     window_center: float = 40.0
-    window_width: float = 400.0
+    window_width: float = bounded(400.0, gt=0)
 
 
 @dataclass
@@ -172,9 +219,9 @@ class BackboneConfig:
     # On a GPU, choose resnet18.
     name: str = "resnet18-quarter"
     # ViT patch side; None picks 4 px for <= 32 px images, 8 for <= 64, else 16 (7-8 patches a side).
-    patch_size: int | None = None
+    patch_size: int | None = bounded(None, ge=1)
     # ViT depth; None keeps the preset's 12 blocks (fewer train faster on a CPU).
-    depth: int | None = None
+    depth: int | None = bounded(None, ge=1)
     # ViT read-out for probes and fine-tuning: the CLS token, or the mean of the patch tokens
     # (the I-JEPA paper's probe). CLS is the default for every method: on our two 5 CPU-minute
     # I-JEPA runs it gave the higher linear probe (0.839 vs 0.789, 0.849 vs 0.837; README).
@@ -189,19 +236,19 @@ class OptimConfig:
     # large batches; sgd for reference.
     name: Literal["adamw", "sgd", "lars"] = "adamw"
     # Peak learning rate for batch 256, scaled linearly with batch size (Goyal et al. 2017).
-    lr: float = 2e-3
+    lr: float = bounded(2e-3, gt=0)
     # Weight decay (not applied to biases and normalisation weights).
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
+    weight_decay: float = bounded(1e-4, ge=0)
+    momentum: float = bounded(0.9, ge=0, lt=1)
     # AdamW betas; GANs use a smaller beta1 (0.5, Radford et al. 2016) for less lag between
     # the two networks.
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = bounded((0.9, 0.999), ge=0, lt=1)
     # Linear warm-up, then cosine decay to final_lr_fraction * lr (SimCLR, Chen et al. 2020).
     # The warm-up is capped at a fifth of the run's steps.
-    warmup_epochs: float = 2.0
-    final_lr_fraction: float = 0.01
+    warmup_epochs: float = bounded(2.0, ge=0)
+    final_lr_fraction: float = bounded(0.01, ge=0, le=1)
     # Clip the global gradient norm; None disables. Guards the first steps of contrastive training.
-    clip_grad_norm: float | None = 5.0
+    clip_grad_norm: float | None = bounded(5.0, gt=0)
 
 
 @dataclass
@@ -210,13 +257,13 @@ class TrainConfig:
 
     # Passes over the training split; a fraction is allowed (1.5: the schedule spans
     # round(1.5 x steps per epoch) steps), so a wall-clock budget can be filled exactly.
-    epochs: float = 30
+    epochs: float = bounded(30, gt=0)
     # Global batch (split across processes under torchrun). Contrastive methods want many
     # negatives; 256 fits a 2-core CPU at 28 px.
-    batch_size: int = 256
+    batch_size: int = bounded(256, ge=2)
     # Weight initialisation, data order, views and masks all derive from it (step-indexed, so a
     # resumed run draws what the uninterrupted one would have).
-    seed: int = 0
+    seed: int = bounded(0, ge=0)
     # auto: bf16 autocast where the hardware has bf16 matmul (AVX-512 BF16/AMX CPUs, Ampere+
     # GPUs), else fp32. bf16 is ~3x faster on a Zen 4 CPU but ~12x slower on an AVX2-only one.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
@@ -225,22 +272,22 @@ class TrainConfig:
     # torch.compile the encoder: ~1.2x faster steps on CPU after a 40-90 s first step.
     compile: bool = False
     # Save a checkpoint every this many optimiser steps (0: at the end of every epoch).
-    checkpoint_every: int = 0
+    checkpoint_every: int = bounded(0, ge=0)
     # Also save at least every this many seconds, so a killed run loses little (0: off).
-    checkpoint_seconds: float = 600.0
+    checkpoint_seconds: float = bounded(600.0, ge=0)
     # Checkpoints kept on disk (the newest ones).
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = bounded(2, ge=1)
     # Write a metrics line every this many steps.
-    log_every: int = 10
+    log_every: int = bounded(10, ge=1)
     # Draw a 2-D map of the val embeddings (t-SNE, or UMAP if installed; coloured by label)
     # into <run>/maps/epoch-XXXX.png every this many epochs, and before the first, to watch the
     # representation form (0: off). Costs a few seconds per map on a CPU.
-    map_every: int = 0
+    map_every: int = bounded(0, ge=0)
     # auto: CUDA if available, else CPU.
     device: str = "auto"
     # Stop after this many seconds of training (a wall-clock budget); 0 means no limit. The
     # schedule still spans `epochs`, so a budgeted run is a truncated run, not a shorter one.
-    time_budget_s: float = 0.0
+    time_budget_s: float = bounded(0.0, ge=0)
 
 
 @dataclass
@@ -249,29 +296,29 @@ class ViewConfig:
 
     # Random resized crop: area fraction range. SimCLR uses (0.08, 1) at 224 px; at 28 px such
     # small crops keep too little of a cell or lung, so the floor is raised.
-    crop_scale: tuple[float, float] = (0.25, 1.0)
-    crop_ratio: tuple[float, float] = (0.75, 4 / 3)
-    hflip: float = 0.5
+    crop_scale: tuple[float, float] = bounded((0.25, 1.0), gt=0, le=1, ordered=True)
+    crop_ratio: tuple[float, float] = bounded((0.75, 4 / 3), gt=0, ordered=True)
+    hflip: float = bounded(0.5, ge=0, le=1)
     # Vertical flips and 90-degree rotations: right for microscopy and pathology, where
     # orientation carries no meaning; wrong for chest X-rays. None lets the data set decide.
-    vflip: float | None = None
-    rot90: float | None = None
+    vflip: float | None = bounded(None, ge=0, le=1)
+    rot90: float | None = bounded(None, ge=0, le=1)
     # Free rotation in degrees (0 disables).
-    rotation_degrees: float = 0.0
+    rotation_degrees: float = bounded(0.0, ge=0, le=180)
     # RGB colour jitter (SimCLR strength s: brightness/contrast/saturation 0.8s, hue 0.2s) and
     # random grayscale. None lets the data set decide: SimCLR's 0.8 and 0.2, except where the
     # stain colour is what tells the classes apart (blood smears), where both are off.
-    color_jitter: float | None = None
-    color_jitter_strength: float = 0.5
-    grayscale: float | None = None
+    color_jitter: float | None = bounded(None, ge=0, le=1)
+    color_jitter_strength: float = bounded(0.5, ge=0)
+    grayscale: float | None = bounded(None, ge=0, le=1)
     # Grayscale intensity jitter (brightness, contrast, gamma) in place of colour jitter.
-    intensity_jitter: float = 0.8
-    intensity_strength: float = 0.4
-    blur: float = 0.0
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    solarize: float = 0.0
-    noise: float = 0.0
-    noise_std: float = 0.05
+    intensity_jitter: float = bounded(0.8, ge=0, le=1)
+    intensity_strength: float = bounded(0.4, ge=0)
+    blur: float = bounded(0.0, ge=0, le=1)
+    blur_sigma: tuple[float, float] = bounded((0.1, 2.0), gt=0, ordered=True)
+    solarize: float = bounded(0.0, ge=0, le=1)
+    noise: float = bounded(0.0, ge=0, le=1)
+    noise_std: float = bounded(0.05, ge=0)
 
 
 @dataclass

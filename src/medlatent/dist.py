@@ -27,6 +27,11 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (``RANK``), readable before the group is joined."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather forward; backward hands each rank the sum over ranks of its slice's gradient.
 

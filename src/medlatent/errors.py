@@ -21,3 +21,7 @@ class CheckpointError(MedlatentError):
 
 class TrainingDiverged(MedlatentError):
     """The loss became NaN or infinite; the run stopped and kept its last good checkpoint."""
+
+
+class RunInUse(MedlatentError):
+    """Another live process is training in this run folder."""

@@ -22,12 +22,16 @@ from medlatent.errors import CheckpointError
 
 
 def weights_hash(module: nn.Module) -> str:
-    """SHA-256 of a module's state dict (names, dtypes, shapes and values, in name order)."""
+    """SHA-256 of a module's state dict (names, dtypes, shapes and values, in name order).
+
+    Values are hashed as their raw row-major bytes. Flattening first lets 0-dim tensors (BatchNorm's
+    ``num_batches_tracked``) be viewed as bytes; for tensors of one or more dimensions the bytes,
+    and so the hash, are the same as before, so existing adapter files still match their base."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 

@@ -26,26 +26,39 @@ def gaussian_window(size: int, sigma: float, spatial_dims: int, channels: int) -
 
 def ssim_map(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5, data_range: float = 1.0
              ) -> torch.Tensor:
-    """Local SSIM (B, C, *S) of two images in [0, data_range], Gaussian-weighted, 'same' padding:
-    ((2 mu_x mu_y + C1)(2 s_xy + C2)) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2))."""
-    d, c = x.dim() - 2, x.shape[1]
-    w = gaussian_window(window, sigma, d, c).to(x)
-    conv = F.conv2d if d == 2 else F.conv3d
+    """Local SSIM (B, C, *S) of two images in [0, data_range], Gaussian-weighted (Wang et al. 2004):
+    ((2 mu_x mu_y + C1)(2 s_xy + C2)) / ((mu_x^2 + mu_y^2 + C1)(s_x^2 + s_y^2 + C2)).
 
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return conv(t, w, padding=window // 2, groups=c)
+    The images are reflect-padded by window // 2 before MONAI's SSIM (valid windows), so the map
+    keeps the image size for heatmaps and a window at the border sees reflected image, not zeros
+    (zero padding made a 3-px frame look half as anomalous as the interior). Away from the border,
+    ``[..., p:-p, p:-p]`` with p = window // 2 is exactly MONAI's valid-window SSIM map.
+    """
+    from monai.metrics.regression import compute_ssim_and_cs
 
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    mx, my = blur(x), blur(y)
-    sxx, syy, sxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
-    return ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))
+    d, p = x.dim() - 2, window // 2
+    if min(x.shape[2:]) <= p:
+        raise ValueError(f"SSIM needs images larger than {p} px per side, got {tuple(x.shape[2:])}")
+    pad = (p,) * (2 * d)
+    xp, yp = F.pad(x.float(), pad, mode="reflect"), F.pad(y.float(), pad, mode="reflect")
+    ssim, _ = compute_ssim_and_cs(yp, xp, d, kernel_size=[window] * d, kernel_sigma=[sigma] * d,
+                                  data_range=data_range)
+    return ssim
+
+
+def valid_region(t: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """The part (B, C, *(S - 2 p)) of a same-size SSIM map whose windows lie inside the image."""
+    p = window // 2
+    return t[(..., *[slice(p, s - p) for s in t.shape[2:]])]
 
 
 def pixel_scores(x: torch.Tensor, recon: torch.Tensor, kind: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
     """Images and reconstructions (B, C, *S) in [0, 1] -> (image scores (B,), heatmaps (B, *S)).
 
     kind: ``l2`` squared error, ``l1`` absolute error, ``ssim`` 1 - local SSIM; heatmaps are
-    averaged over channels, image scores over pixels.
+    averaged over channels, image scores over pixels. For ``ssim`` the heatmap is the
+    reflect-padded map (image size) and the image score is 1 - the mean SSIM over the valid
+    windows only, i.e. 1 - MONAI's ``SSIMMetric`` (7-px window, sigma 1.5, data range 1).
     """
     if kind == "l2":
         err = (x - recon) ** 2
@@ -53,6 +66,7 @@ def pixel_scores(x: torch.Tensor, recon: torch.Tensor, kind: str = "l2") -> tupl
         err = (x - recon).abs()
     elif kind == "ssim":
         err = 1 - ssim_map(x, recon)
+        return valid_region(err).flatten(1).mean(1), err.mean(1)
     else:
         raise ValueError(f"unknown score {kind!r} (l2, l1, ssim)")
     heat = err.mean(1)  # (B, *S)

@@ -18,6 +18,15 @@ import click
 from medlatent import __version__
 from medlatent.errors import MedlatentError
 
+# Value ranges of flags, checked while parsing (config values are checked again by range).
+POSITIVE = click.FloatRange(min=0, min_open=True)
+NON_NEGATIVE = click.FloatRange(min=0)
+COUNT = click.IntRange(min=1)
+NON_NEGATIVE_INT = click.IntRange(min=0)
+FRACTION = click.FloatRange(0, 1, min_open=True)
+BATCH = click.IntRange(min=2)
+SIDE = click.IntRange(min=8)
+
 
 @click.group(context_settings=dict(help_option_names=["-h", "--help"], max_content_width=100))
 @click.version_option(__version__, prog_name="medlatent")
@@ -78,29 +87,34 @@ def _apply_set(tree: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {assignment}: expected section.key=value")
     key, raw = assignment.split("=", 1)
     parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment}: expected section.key=value")
     node = tree
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {assignment}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {assignment}: the value {raw!r} is not valid YAML (e.g. 0.1, true, [0.3, 1])") from None
 
 
 @cli.command()
 @click.option("--data", "data_name", default=None, help="MedMNIST subset, .npz file or image folder. [default: bloodmnist]")
 @click.option("--method", default=None, help="simclr, mocov2, mocov3, byol, dino, mae, ijepa, rotation, autoencoder, denoising-autoencoder. [default: simclr]")
 @click.option("--backbone", default=None, help="resnet18, resnet18-half, resnet18-quarter, vit-tiny, vit-small. [default: resnet18-quarter]")
-@click.option("--epochs", type=float, default=None,
+@click.option("--epochs", type=POSITIVE, default=None,
               help="Epochs over the training split; fractions allowed. [default: 30]")
-@click.option("--batch-size", type=int, default=None, help="Global batch size. [default: 256]")
-@click.option("--lr", type=float, default=None, help="Peak learning rate for batch 256.")
+@click.option("--batch-size", type=BATCH, default=None, help="Global batch size. [default: 256]")
+@click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate for batch 256.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "lars"]), default=None)
-@click.option("--size", type=int, default=None, help="Image side in pixels. [default: 28]")
-@click.option("--seed", type=int, default=None)
+@click.option("--size", type=SIDE, default=None, help="Image side in pixels. [default: 28]")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=None)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None)
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the encoder.")
 @click.option("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--time-budget", type=float, default=None, help="Stop (with a checkpoint) after this many seconds.")
+@click.option("--time-budget", type=NON_NEGATIVE, default=None, help="Stop (with a checkpoint) after this many seconds.")
 @click.option("--data-dir", default=None, help="Data folder (default: $MEDLATENT_DATA, else ~/.cache/medlatent).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, help="YAML config; flags override it.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override any config key, e.g. views.crop_scale=[0.3,1] or method_options.temperature=0.1.")
@@ -116,11 +130,12 @@ def pretrain(data_name: str | None, method: str | None, backbone: str | None, ep
     from medlatent.errors import ConfigError
 
     if resume:
-        given = [n for n, v in dict(data=data_name, method=method, backbone=backbone, epochs=epochs,
-                                    config=config_file, output=output).items() if v]
-        if given or sets:
-            raise ConfigError(f"--resume uses the run's own config; drop {', '.join(given) or '--set'}")
-        cfg, out = None, resume
+        changing = {"--data": data_name, "--method": method, "--backbone": backbone, "--epochs": epochs,
+                    "--batch-size": batch_size, "--lr": lr, "--optimizer": optimizer, "--size": size,
+                    "--seed": seed, "--precision": precision, "--compile/--no-compile": compile_,
+                    "--data-dir": data_dir, "--config": config_file, "--output": output, "--set": sets or None}
+        _resume(resume, changing, {"train.device": device, "train.time_budget_s": time_budget})
+        return
     else:
         tree: dict[str, Any] = load_yaml(config_file) if config_file else {}
         flags = {"data.name": data_name, "method": method, "backbone.name": backbone, "train.epochs": epochs,
@@ -141,7 +156,22 @@ def pretrain(data_name: str | None, method: str | None, backbone: str | None, ep
     _run_pretraining(cfg, out, bool(resume))
 
 
-def _run_pretraining(cfg: Any, output: str | None, resume: bool) -> None:
+def _resume(run: str, changing: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Continue ``run``: refuse flags that would change it, apply those that cannot."""
+    from medlatent.errors import ConfigError
+
+    given = [flag for flag, value in changing.items() if value is not None]
+    if given:
+        raise ConfigError(f"--resume continues {run} with its own config; {', '.join(given)} would change the "
+                          f"run (only --device and --time-budget may be given)")
+    kept = {k: v for k, v in overrides.items() if v is not None}
+    if kept:
+        click.echo("resuming with " + ", ".join(f"{k} = {v}" for k, v in kept.items()) +
+                   " (these do not change what the run computes)")
+    _run_pretraining(None, run, True, kept)
+
+
+def _run_pretraining(cfg: Any, output: str | None, resume: bool, overrides: dict[str, Any] | None = None) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from medlatent import dist
@@ -159,14 +189,21 @@ def _run_pretraining(cfg: Any, output: str | None, resume: bool) -> None:
                TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
                TextColumn("ETA"), TimeRemainingColumn()]
     main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; only rank 0 draws
-    with Progress(*columns, disable=not main_process, transient=False) as bar:
-        task = bar.add_task("pretrain", total=None, loss=float("nan"), ips=0.0)
+    bar = Progress(*columns, disable=not main_process, transient=False)
+    task = None
 
-        def on_progress(p: Any) -> None:
-            bar.update(task, completed=p.step, total=p.total_steps, loss=p.loss, ips=p.images_per_s,
-                       description=f"epoch {p.epoch + 1}")
+    def on_progress(p: Any) -> None:  # the bar appears with the first step, not before
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("pretrain", total=p.total_steps, loss=p.loss, ips=p.images_per_s)
+        bar.update(task, completed=p.step, total=p.total_steps, loss=p.loss, ips=p.images_per_s,
+                   description=f"epoch {p.epoch + 1}")
 
-        run, result = run_pretraining(cfg, out, resume, on_progress, lambda: stop["asked"])
+    try:
+        run, result = run_pretraining(cfg, out, resume, on_progress, lambda: stop["asked"], overrides)
+    finally:
+        bar.stop()
     if not dist.is_main():
         return
     click.echo(f"run: {run}  ({result.status} at step {result.step}/{result.total_steps}, {result.wall_s:.0f} s)")
@@ -205,15 +242,15 @@ def generate() -> None:
 @click.option("--model", default=None, help="vae, gan, ddpm or ldm. [default: ddpm]")
 @click.option("--data", "data_name", default=None, help="MedMNIST subset, .npz file or image folder. [default: bloodmnist]")
 @click.option("--conditional", is_flag=True, default=None, help="Condition on the class labels (guidance for ddpm/ldm).")
-@click.option("--epochs", type=float, default=None,
+@click.option("--epochs", type=POSITIVE, default=None,
               help="Epochs over the training split; fractions allowed. [default: 30]")
-@click.option("--batch-size", type=int, default=None, help="[default: 128]")
-@click.option("--lr", type=float, default=None, help="Peak learning rate for batch 256.")
-@click.option("--size", type=int, default=None, help="Image side in pixels. [default: 28]")
-@click.option("--seed", type=int, default=None)
+@click.option("--batch-size", type=BATCH, default=None, help="[default: 128]")
+@click.option("--lr", type=POSITIVE, default=None, help="Peak learning rate for batch 256.")
+@click.option("--size", type=SIDE, default=None, help="Image side in pixels. [default: 28]")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=None)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default=None)
 @click.option("--device", default=None)
-@click.option("--time-budget", type=float, default=None, help="Stop (with a checkpoint) after this many seconds.")
+@click.option("--time-budget", type=NON_NEGATIVE, default=None, help="Stop (with a checkpoint) after this many seconds.")
 @click.option("--data-dir", default=None)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="e.g. method_options.schedule.kind=linear")
 @click.option("--output", default=None, help="Run folder. [default: runs/<data>-<model>-<time>]")
@@ -228,9 +265,10 @@ def generate_train(model: str | None, data_name: str | None, conditional: bool |
     from medlatent.ssl.registry import GENERATIVE
 
     if resume:
-        if model or data_name or sets or epochs:
-            raise ConfigError("--resume uses the run's own config; drop the other options")
-        _run_pretraining(None, resume, True)
+        changing = {"--model": model, "--data": data_name, "--conditional": conditional, "--epochs": epochs,
+                    "--batch-size": batch_size, "--lr": lr, "--size": size, "--seed": seed,
+                    "--precision": precision, "--data-dir": data_dir, "--output": output, "--set": sets or None}
+        _resume(resume, changing, {"train.device": device, "train.time_budget_s": time_budget})
         return
     name = model or "ddpm"
     if name not in GENERATIVE:
@@ -255,11 +293,11 @@ def generate_train(model: str | None, data_name: str | None, conditional: bool |
 
 @generate.command("sample")
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--n", type=int, default=1000, show_default=True)
-@click.option("--class", "class_index", type=int, default=None, help="Only this class (conditional models).")
-@click.option("--guidance", type=float, default=1.0, show_default=True, help="Classifier-free guidance scale (ddpm, ldm).")
-@click.option("--steps", type=int, default=50, show_default=True, help="DDIM steps (ddpm, ldm).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n", type=COUNT, default=1000, show_default=True)
+@click.option("--class", "class_index", type=NON_NEGATIVE_INT, default=None, help="Only this class (conditional models).")
+@click.option("--guidance", type=NON_NEGATIVE, default=1.0, show_default=True, help="Classifier-free guidance scale (ddpm, ldm).")
+@click.option("--steps", type=COUNT, default=50, show_default=True, help="DDIM steps (ddpm, ldm).")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
 @click.option("--out", default=None, help="Output .npz (default: <run>/samples-<model>[...].npz).")
 @click.option("--device", default="auto", show_default=True)
 def generate_sample(run: str, n: int, class_index: int | None, guidance: float, steps: int, seed: int,
@@ -274,12 +312,12 @@ def generate_sample(run: str, n: int, class_index: int | None, guidance: float, 
 
 @generate.command("evaluate")
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--n", type=int, default=1000, show_default=True, help="Samples to judge.")
-@click.option("--guidance", type=float, default=1.0, show_default=True)
-@click.option("--steps", type=int, default=50, show_default=True)
-@click.option("--classifier-epochs", type=int, default=15, show_default=True,
+@click.option("--n", type=COUNT, default=1000, show_default=True, help="Samples to judge.")
+@click.option("--guidance", type=NON_NEGATIVE, default=1.0, show_default=True)
+@click.option("--steps", type=COUNT, default=50, show_default=True)
+@click.option("--classifier-epochs", type=COUNT, default=15, show_default=True,
               help="Epochs of the domain classifier and of the TSTR/TRTR classifiers.")
-@click.option("--classifier-min-steps", type=int, default=300, show_default=True)
+@click.option("--classifier-min-steps", type=NON_NEGATIVE_INT, default=300, show_default=True)
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
 def generate_evaluate(run: str, n: int, guidance: float, steps: int, classifier_epochs: int, classifier_min_steps: int,
@@ -303,12 +341,12 @@ def generate_evaluate(run: str, n: int, guidance: float, steps: int, classifier_
 
 @generate.command("augment")
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--fraction", "fractions", multiple=True, type=float, default=(0.01, 0.1), show_default=True)
-@click.option("--n-synthetic", type=int, default=2000, show_default=True)
-@click.option("--seeds", type=int, default=3, show_default=True)
-@click.option("--guidance", type=float, default=1.0, show_default=True)
-@click.option("--classifier-epochs", type=int, default=15, show_default=True)
-@click.option("--classifier-min-steps", type=int, default=300, show_default=True)
+@click.option("--fraction", "fractions", multiple=True, type=FRACTION, default=(0.01, 0.1), show_default=True)
+@click.option("--n-synthetic", type=COUNT, default=2000, show_default=True)
+@click.option("--seeds", type=COUNT, default=3, show_default=True)
+@click.option("--guidance", type=NON_NEGATIVE, default=1.0, show_default=True)
+@click.option("--classifier-epochs", type=COUNT, default=15, show_default=True)
+@click.option("--classifier-min-steps", type=NON_NEGATIVE_INT, default=300, show_default=True)
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
 def generate_augment(run: str, fractions: tuple[float, ...], n_synthetic: int, seeds: int, guidance: float,
@@ -347,9 +385,9 @@ def anomaly() -> None:
 @click.option("--data", "data_name", required=True, help="MedMNIST subset, .npz or folder (labelled).")
 @click.option("--normal", required=True, help="Normal class(es), e.g. 0 or 0,1; training sees only these.")
 @click.option("--detector", type=click.Choice(list(DETECTOR_METHODS)), default="ae", show_default=True)
-@click.option("--epochs", type=float, default=30, show_default=True, help="Fractions allowed.")
-@click.option("--batch-size", type=int, default=None)
-@click.option("--time-budget", type=float, default=None)
+@click.option("--epochs", type=POSITIVE, default=30, show_default=True, help="Fractions allowed.")
+@click.option("--batch-size", type=BATCH, default=None)
+@click.option("--time-budget", type=NON_NEGATIVE, default=None)
 @click.option("--data-dir", default=None)
 @click.option("--device", default=None)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE")
@@ -430,9 +468,9 @@ def restore() -> None:
 @click.option("--model", type=click.Choice(["unet", "diffusion"]), default="unet", show_default=True,
               help="unet: supervised residual UNet; diffusion: conditional (paired) diffusion, Palette-style.")
 @click.option("--data", "data_name", default=None, help="Clean images: MedMNIST subset, .npz or folder.")
-@click.option("--epochs", type=float, default=20, show_default=True, help="Fractions allowed.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--time-budget", type=float, default=None)
+@click.option("--epochs", type=POSITIVE, default=20, show_default=True, help="Fractions allowed.")
+@click.option("--batch-size", type=BATCH, default=128, show_default=True)
+@click.option("--time-budget", type=NON_NEGATIVE, default=None)
 @click.option("--data-dir", default=None)
 @click.option("--device", default=None)
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="e.g. method_options.sigmas=[0.1,0.2]")
@@ -463,8 +501,8 @@ def restore_train(task: str, model: str, data_name: str | None, epochs: float, b
               help="A ddpm run trained on clean images of the same data: adds diffusion restoration.")
 @click.option("--autoencoder", "autoencoder_run", default=None, type=click.Path(file_okay=False),
               help="A (denoising-)autoencoder run on clean images of the same data: adds its row (noise tasks).")
-@click.option("--n", type=int, default=500, show_default=True, help="Test images.")
-@click.option("--steps", type=int, default=20, show_default=True, help="DDIM steps (x2 for consistency sampling).")
+@click.option("--n", type=COUNT, default=500, show_default=True, help="Test images.")
+@click.option("--steps", type=COUNT, default=20, show_default=True, help="DDIM steps (x2 for consistency sampling).")
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
 def restore_evaluate(run: str, diffusion_run: str | None, autoencoder_run: str | None, n: int, steps: int,
@@ -483,7 +521,7 @@ def restore_evaluate(run: str, diffusion_run: str | None, autoencoder_run: str |
 
 @restore.command("rate-distortion")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(file_okay=False))
-@click.option("--n", type=int, default=500, show_default=True, help="Test images.")
+@click.option("--n", type=COUNT, default=500, show_default=True, help="Test images.")
 @click.option("--out", default="rate_distortion.png", show_default=True, help="Plot (a .json is written beside it).")
 @click.option("--data-dir", default=None)
 def restore_rate_distortion(runs: tuple[str, ...], n: int, out: str, data_dir: str | None) -> None:
@@ -522,10 +560,10 @@ def restore_rate_distortion(runs: tuple[str, ...], n: int, out: str, data_dir: s
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--data", "data_name", default=None, help="Labelled data to probe on (default: the pretraining data).")
 @click.option("--split", "splits", multiple=True, default=("val", "test"), show_default=True)
-@click.option("--label-fraction", "fractions", multiple=True, type=float, default=(1.0,), show_default=True,
+@click.option("--label-fraction", "fractions", multiple=True, type=FRACTION, default=(1.0,), show_default=True,
               help="Fraction of training labels (repeatable: 0.01 0.1 1).")
-@click.option("--seeds", type=int, default=1, show_default=True, help="Label-subset draws per fraction < 1.")
-@click.option("--k", type=int, default=20, show_default=True, help="Neighbours for k-NN.")
+@click.option("--seeds", type=COUNT, default=1, show_default=True, help="Label-subset draws per fraction < 1.")
+@click.option("--k", type=COUNT, default=20, show_default=True, help="Neighbours for k-NN.")
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
 def probe(run: str, data_name: str | None, splits: tuple[str, ...], fractions: tuple[float, ...], seeds: int,
@@ -560,13 +598,13 @@ def embed(run: str, split: str, out: str | None, data_name: str | None, data_dir
 
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--fraction", "fractions", multiple=True, type=float, default=(0.01, 0.1, 0.25, 1.0), show_default=True,
+@click.option("--fraction", "fractions", multiple=True, type=FRACTION, default=(0.01, 0.1, 0.25, 1.0), show_default=True,
               help="Fractions of the training labels (repeatable).")
-@click.option("--seeds", type=int, default=3, show_default=True, help="Label-subset draws per fraction (one at 100 %%: the same labels).")
+@click.option("--seeds", type=COUNT, default=3, show_default=True, help="Label-subset draws per fraction (one at 100 %%: the same labels).")
 @click.option("--protocol", "protocols", multiple=True, default=("knn", "linear", "finetune", "supervised"),
               show_default=True, help="knn, linear, finetune (the pretrained encoder) and supervised (from scratch).")
-@click.option("--epochs", type=int, default=None, help="Most fine-tuning epochs (default 30; early stopping on val).")
-@click.option("--min-steps", type=int, default=None,
+@click.option("--epochs", type=COUNT, default=None, help="Most fine-tuning epochs (default 30; early stopping on val).")
+@click.option("--min-steps", type=NON_NEGATIVE_INT, default=None,
               help="Fewest fine-tuning steps, so small label fractions still train (default 300).")
 @click.option("--data", "data_name", default=None, help="Labelled data (default: the pretraining data).")
 @click.option("--data-dir", default=None)
@@ -589,17 +627,18 @@ def efficiency(run: str, fractions: tuple[float, ...], seeds: int, protocols: tu
     for r in sorted(result["summary"], key=lambda r: (r["protocol"], r["fraction"])):
         click.echo(f"{r['protocol']:10} {r['fraction']:>7.0%}  {r['acc']:.4f} ± {r['acc_std']:.4f}  "
                    f"{r['auc']:.4f} ± {r['auc_std']:.4f}")
+    from medlatent.eval.session import crossover_words
+
     for protocol, c in result["crossover"].items():
         if c is not None:
-            at = "never" if c["smallest"] is None else f"from {c['smallest']:.0%} of the labels"
-            click.echo(f"{protocol} beats training from scratch: {at}")
+            click.echo(f"{protocol} vs training from scratch: {crossover_words(c)}")
     click.echo(f"written: {Path(run) / 'label_efficiency.json'}, {Path(run) / 'label_efficiency.png'}")
 
 
 @cli.command("map")
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--split", default="test", show_default=True)
-@click.option("--max-points", default=2000, show_default=True)
+@click.option("--max-points", type=click.IntRange(min=2), default=2000, show_default=True)
 @click.option("--out", default=None, help="PNG to write (default: <run>/embedding_map_<split>.png).")
 @click.option("--data-dir", default=None)
 def map_(run: str, split: str, max_points: int, out: str | None, data_dir: str | None) -> None:
@@ -612,8 +651,8 @@ def map_(run: str, split: str, max_points: int, out: str | None, data_dir: str |
 
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--k", default=8, show_default=True, help="Neighbours shown per query.")
-@click.option("--queries", default=6, show_default=True)
+@click.option("--k", type=COUNT, default=8, show_default=True, help="Neighbours shown per query.")
+@click.option("--queries", type=COUNT, default=6, show_default=True)
 @click.option("--data-dir", default=None)
 def retrieve(run: str, k: int, queries: int, data_dir: str | None) -> None:
     """Nearest training images of test queries (a grid) and retrieval precision@1/5/10."""
@@ -653,7 +692,7 @@ def compare(runs: tuple[str, ...], html_out: str | None) -> None:
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--images", multiple=True, type=click.Path(dir_okay=False, exists=True),
               help="Image files to show (repeatable); default: the first --n images of --split.")
-@click.option("--n", default=8, show_default=True)
+@click.option("--n", type=COUNT, default=8, show_default=True)
 @click.option("--split", default="test", show_default=True)
 @click.option("--out", default=None, help="PNG to write (default: <run>/attention.png).")
 @click.option("--data-dir", default=None)
@@ -666,9 +705,9 @@ def attention(run: str, images: tuple[str, ...], n: int, split: str, out: str | 
 
 @cli.command()
 @click.argument("run", type=click.Path(file_okay=False))
-@click.option("--n", default=8, show_default=True)
+@click.option("--n", type=COUNT, default=8, show_default=True)
 @click.option("--split", default="test", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Seed of the random masks.")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True, help="Seed of the random masks.")
 @click.option("--out", default=None, help="PNG to write (default: <run>/reconstruction.png).")
 @click.option("--data-dir", default=None)
 def reconstruct(run: str, n: int, split: str, seed: int, out: str | None, data_dir: str | None) -> None:
@@ -687,17 +726,17 @@ def reconstruct(run: str, n: int, split: str, seed: int, out: str | None, data_d
               help="Labelled data (default: the run's pretraining data; required for a weights file).")
 @click.option("--strategy", default="lora", show_default=True,
               help="linear, finetune, bias, lora, adapter, adaptformer or prompt.")
-@click.option("--rank", type=int, default=None, help="LoRA rank / adapter bottleneck width (default 8).")
-@click.option("--alpha", type=float, default=None, help="LoRA alpha (update scale alpha/rank; default 16).")
+@click.option("--rank", type=COUNT, default=None, help="LoRA rank / adapter bottleneck width (default 8).")
+@click.option("--alpha", type=POSITIVE, default=None, help="LoRA alpha (update scale alpha/rank; default 16).")
 @click.option("--lora-targets", type=click.Choice(["qv", "all"]), default=None,
               help="LoRA on W_q and W_v (qv, default) or on every Linear of every block (all).")
 @click.option("--prompts", type=int, default=None, help="Prompt tokens per layer (default 10).")
 @click.option("--shallow", is_flag=True, help="VPT-shallow: prompts at the input only.")
-@click.option("--fraction", type=float, default=1.0, show_default=True, help="Fraction of training labels.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--epochs", type=int, default=None, help="Most epochs (default 30; early stopping on val).")
-@click.option("--min-steps", type=int, default=None, help="Fewest optimiser steps (default 300).")
-@click.option("--heads", type=int, default=None, help="Attention heads of external weights (default: by width).")
+@click.option("--fraction", type=FRACTION, default=1.0, show_default=True, help="Fraction of training labels.")
+@click.option("--seed", type=NON_NEGATIVE_INT, default=0, show_default=True)
+@click.option("--epochs", type=COUNT, default=None, help="Most epochs (default 30; early stopping on val).")
+@click.option("--min-steps", type=NON_NEGATIVE_INT, default=None, help="Fewest optimiser steps (default 300).")
+@click.option("--heads", type=COUNT, default=None, help="Attention heads of external weights (default: by width).")
 @click.option("--out", default=None, help="Adapter path without suffix (default: <run>/adapters/<strategy>-<data>).")
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
@@ -732,13 +771,13 @@ def adapt_cmd(source: str, data_name: str | None, strategy: str, rank: int | Non
 @cli.command()
 @click.argument("source", type=click.Path())
 @click.option("--data", "data_name", default=None, help="Labelled data (default: the run's pretraining data).")
-@click.option("--positive-class", type=int, default=0, show_default=True,
+@click.option("--positive-class", type=NON_NEGATIVE_INT, default=0, show_default=True,
               help="A bag is positive when it holds an image of this class.")
-@click.option("--bag-size", type=int, default=16, show_default=True)
-@click.option("--bags", type=int, default=400, show_default=True, help="Training bags (val/test: half as many).")
+@click.option("--bag-size", type=COUNT, default=16, show_default=True)
+@click.option("--bags", type=COUNT, default=400, show_default=True, help="Training bags (val/test: half as many).")
 @click.option("--prompts", type=int, default=0, show_default=True,
               help="Prompt-MIL: train this many prompt tokens in the frozen ViT too (0: attention MIL on frozen embeddings).")
-@click.option("--steps", type=int, default=300, show_default=True)
+@click.option("--steps", type=COUNT, default=300, show_default=True)
 @click.option("--out", default=None, help="Figure of test bags with attention (default: <run>/mil.png).")
 @click.option("--data-dir", default=None)
 @click.option("--device", default="auto", show_default=True)
@@ -757,18 +796,39 @@ def mil(source: str, data_name: str | None, positive_class: int, bag_size: int, 
     click.echo(f"written: {r['figure']}")
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _warnings_to_stderr() -> None:
+    """Library warnings (e.g. a damaged checkpoint skipped) as ``warning: ...`` lines on stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    log = logging.getLogger("medlatent")
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING)
+    log.propagate = False
+
+
 def main() -> None:
     """Entry point: run the CLI, turning user-fixable problems into one line and exit code 1."""
+    _warnings_to_stderr()
     try:
         code = cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # a bad flag or value: one line, with where to read more
+        where = f" (see {e.ctx.command_path} --help)" if e.ctx is not None else ""
+        click.echo(f"error: {_one_line(e.format_message())}{where}", err=True)
+        sys.exit(1)
     except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+        click.echo(f"error: {_one_line(e.format_message())}", err=True)
+        sys.exit(1)
     except MedlatentError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"error: {_one_line(str(e))}", err=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -1,10 +1,18 @@
 """Image folders -> :class:`Dataset`, through MONAI's readers.
 
-Layouts understood (the first that fits):
+Layouts understood:
 
 * ``root/{train,val,test}/<class>/*.png`` - labelled, with the user's own splits;
+* ``root/{train,val,test}/*.png``         - unlabelled, with the user's own splits;
 * ``root/<class>/*.png``                  - labelled, one ``train`` split;
 * ``root/*.png``                          - unlabelled, one ``train`` split.
+
+Inside a class folder images may sit at any depth (e.g. one folder per patient). Names starting
+with '.' (files and folders) and files that are not images (labels.csv, README.txt) are ignored
+everywhere, as are subfolders that hold no image. The rule: a folder holds either images or
+class subfolders, never both; a root with split folders holds nothing else (no loose images, no
+other folders with images); a split folder that exists must hold images. Breaking it is a
+DataError naming the folder and one entry of each kind, never a silent guess.
 
 Formats: PNG/JPEG/BMP (MONAI ``PILReader``), DICOM (MONAI ``PydicomReader``, extra ``io``),
 NIfTI (MONAI ``NibabelReader``, extra ``io``), 8- and 16-bit TIFF (``tifffile``, extra ``io``;
@@ -46,8 +54,9 @@ def load_folder(root: str | Path, size: int = 28, spatial_dims: int = 2,
         percentiles: low and high percentiles for normalize="percentile".
 
     Raises:
-        DataError: missing or empty folder; an unreadable image (named); images whose channel
-            counts cannot be reconciled.
+        DataError: missing or empty folder, or an empty split folder; a layout that mixes
+            images, class folders and split folders (see the module docstring); an unreadable
+            image (named); images whose channel counts cannot be reconciled.
     """
     root = Path(root)
     if not root.is_dir():
@@ -79,22 +88,72 @@ def load_folder(root: str | Path, size: int = 28, spatial_dims: int = 2,
 
 
 def _discover(root: Path) -> dict[str, tuple[list[Path], list[str | None]]]:
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if subdirs and {p.name for p in subdirs} <= set(SPLIT_NAMES):
-        return {p.name: _classes(p) for p in subdirs}
-    return {"train": _classes(root)}
+    """split -> (image files, class name per file or None), by the module docstring's rule.
+
+    Raises:
+        DataError: split folders next to loose images or other image folders, an empty
+            split folder, or a folder mixing images with class subfolders.
+    """
+    splits = [p for p in _visible_dirs(root) if p.name in SPLIT_NAMES]
+    if not splits:
+        return {"train": _classes(root)}
+    others = [p for p in _visible_dirs(root) if p.name not in SPLIT_NAMES and _has_image(p)]
+    if others:
+        raise DataError(f"{root}: mixes split folders ('{splits[0].name}') with other folders ('{others[0].name}'); "
+                        "move the class folders into train/val/test, or use no split folders")
+    loose = _images_in(root)
+    if loose:
+        raise DataError(f"{root}: has images ('{loose[0].name}') next to split folders ('{splits[0].name}'); "
+                        "move them into a split's class folder, or remove them")
+    layout = {}
+    for split in splits:
+        layout[split.name] = _classes(split)
+        if not layout[split.name][0]:
+            raise DataError(f"{split}: split folder holds no images (looked for {', '.join(EXTENSIONS)}); "
+                            "add images or remove the folder")
+    return layout
 
 
 def _classes(folder: Path) -> tuple[list[Path], list[str | None]]:
-    files, classes = [], []
-    direct = sorted(p for p in folder.iterdir() if _is_image(p))
+    """Images directly in ``folder`` (unlabelled) or in its class subfolders (labelled).
+
+    Raises:
+        DataError: the folder holds both images and subfolders with images.
+    """
+    direct = _images_in(folder)
+    per_class = {sub.name: imgs for sub in _visible_dirs(folder) if (imgs := _images_under(sub))}
+    if direct and per_class:
+        raise DataError(f"{folder}: mixes images ('{direct[0].name}') with class folders ('{next(iter(per_class))}'); "
+                        "move the images into a class folder, or remove the subfolders")
     if direct:
         return direct, [None] * len(direct)
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        imgs = sorted(p for p in sub.rglob("*") if _is_image(p))
-        files += imgs
-        classes += [sub.name] * len(imgs)
+    files: list[Path] = [f for imgs in per_class.values() for f in imgs]
+    classes: list[str | None] = [name for name, imgs in per_class.items() for _ in imgs]
     return files, classes
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    """Subfolders whose names do not start with '.', sorted."""
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _images_in(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted."""
+    return sorted(p for p in folder.iterdir() if _is_image(p))
+
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files at any depth under ``folder``, sorted, skipping hidden files and folders."""
+    return sorted(p for p in folder.rglob("*") if _is_image(p) and not _hidden_below(p, folder))
+
+
+def _has_image(folder: Path) -> bool:
+    """Whether any image sits at any depth under ``folder`` (stops at the first)."""
+    return any(_is_image(p) and not _hidden_below(p, folder) for p in folder.rglob("*"))
+
+
+def _hidden_below(p: Path, folder: Path) -> bool:
+    return any(part.startswith(".") for part in p.relative_to(folder).parts)
 
 
 def _is_image(p: Path) -> bool:

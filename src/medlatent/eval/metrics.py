@@ -4,6 +4,10 @@
 * binary: ACC of score[:, -1] > 0.5; AUC of score[:, -1];
 * multi-label: ACC and AUC averaged over labels, each thresholded at 0.5.
 
+Both thresholds are strict (a score of exactly 0.5 is negative): ``y_score > threshold`` in
+``getACC`` of the medmnist package since v2 (2021; checked against v3.0.2), for binary and
+multi-label alike. Only MedMNIST v1 (2020) used ``>=`` for multi-label.
+
 Scores are probabilities: softmax rows for multi-class/binary/ordinal, sigmoid per label for
 multi-label.
 """

@@ -46,8 +46,14 @@ def load_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> tup
 
     run = RunDir(Path(run_dir))
     cfg = run.read_config()
-    ckpt = checkpoint.latest(run.checkpoints, with_optimizer=False)
+    try:
+        ckpt = checkpoint.latest(run.checkpoints, with_optimizer=False)
+    except CheckpointError:
+        if not run.encoder_file.is_file():
+            raise
+        ckpt = None  # every checkpoint is damaged: the final encoder file still holds the weights
     if ckpt is not None:
+        checkpoint.warn(ckpt)
         source, step = ckpt.path, ckpt.step
         weights = {k[len("encoder."):]: v for k, v in ckpt.model.items() if k.startswith("encoder.")}
     elif run.encoder_file.is_file():  # a finished run whose checkpoints were pruned keeps its encoder
@@ -76,6 +82,7 @@ def load_method(run_dir: str | Path, device: str | torch.device = "cpu") -> tupl
     ckpt = checkpoint.latest(run.checkpoints, with_optimizer=False)
     if ckpt is None:
         raise CheckpointError(f"{run.path}: has no checkpoint yet; nothing to show")
+    checkpoint.warn(ckpt)
     meta = run.read_json("data.json")
     spec = get_method(cfg.method)
     options = from_dict(spec.options, cfg.method_options, "method_options")
@@ -308,12 +315,48 @@ class RunEvaluation:
 
 
 def crossover(summary: list[dict]) -> dict[str, Any]:
-    """The smallest label fraction at which each self-supervised protocol beats the supervised
-    baseline on test ACC (None when it never does, or when there is no baseline)."""
+    """Where each self-supervised protocol wins, ties and loses against training from scratch
+    (the ``supervised`` protocol) on test ACC, per label fraction both have.
+
+    Returns protocol -> None when there is no supervised baseline, else
+    ``dict(wins=[...], ties=[...], losses=[...])``, each a list, by fraction, of
+    ``dict(fraction=f, margin_points=100 * (ACC - supervised ACC))``. A protocol can win at 1 %
+    and lose at 10 %, so there is no single "from this fraction on".
+    """
     base = {r["fraction"]: r["acc"] for r in summary if r["protocol"] == "supervised" and r["split"] == "test"}
     out: dict[str, Any] = {}
     for protocol in ("knn", "linear", "finetune"):
-        wins = sorted(r["fraction"] for r in summary if r["protocol"] == protocol and r["split"] == "test"
-                      and r["fraction"] in base and r["acc"] > base[r["fraction"]])
-        out[protocol] = dict(beats_scratch_at=wins, smallest=wins[0] if wins else None) if base else None
+        if not base:
+            out[protocol] = None
+            continue
+        rows = sorted((r for r in summary if r["protocol"] == protocol and r["split"] == "test"
+                       and r["fraction"] in base), key=lambda r: r["fraction"])
+        c: dict[str, list[dict]] = dict(wins=[], ties=[], losses=[])
+        for r in rows:
+            margin = 100 * (r["acc"] - base[r["fraction"]])
+            key = "ties" if abs(margin) < 1e-9 else "wins" if margin > 0 else "losses"
+            c[key].append(dict(fraction=r["fraction"], margin_points=margin))
+        out[protocol] = c
     return out
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:g}%"
+
+
+def crossover_words(c: dict[str, list[dict]]) -> str:
+    """One protocol's ``crossover`` entry in words: ``wins at 1% (+2.1 points), loses at 10%
+    (-0.8), 25% (-1.0)``; ``never wins: ...`` when it wins at no fraction."""
+    parts, unit = [], " points"  # the unit once, on the first margin
+    for verb, key in (("wins", "wins"), ("ties", "ties"), ("loses", "losses")):
+        items = []
+        for x in c[key]:
+            if key == "ties":
+                items.append(_percent(x["fraction"]))
+            else:
+                items.append(f"{_percent(x['fraction'])} ({x['margin_points']:+.1f}{unit})")
+                unit = ""
+        if items:
+            parts.append(f"{verb} at {', '.join(items)}")
+    text = ", ".join(parts) or "no common label fraction"
+    return text if c["wins"] or not parts else f"never wins: {text}"

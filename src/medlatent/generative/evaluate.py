@@ -79,13 +79,33 @@ def train_classifier(train: ImageSet, data: Dataset, mean: list[float], std: lis
     return model
 
 
+def data_digest(data: Dataset, splits: tuple[str, ...] = ("train", "val")) -> str:
+    """SHA-256 (first 16 hex digits) of the splits a domain classifier learns from: the shape,
+    dtype and raw bytes of each split's images and labels. Two files with the same name but other
+    images get other digests; the same images read again get the same one (~1 s per GB)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for split in splits:
+        part = data.split(split)
+        for t in (part.images, part.labels):
+            if t is None:
+                h.update(f"{split}|none|".encode())
+                continue
+            a = np.ascontiguousarray(t.detach().cpu().numpy())
+            h.update(f"{split}|{a.dtype}|{a.shape}|".encode())
+            h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    return h.hexdigest()[:16]
+
+
 def domain_classifier(data: Dataset, mean: list[float], std: list[float], device: torch.device,
                       epochs: int = 15, min_steps: int = 300) -> tuple[Classifier, str]:
     """The supervised classifier on the real training split, trained once per data set and cached
-    (``$MEDLATENT_CACHE/domain``, default ``~/.cache/medlatent/domain``)."""
+    (``$MEDLATENT_CACHE/domain``, default ``~/.cache/medlatent/domain``), keyed by the content of
+    the train and val splits (``data_digest``), so two ``data.npz`` files never share one."""
     from safetensors.torch import load_file, save_file
 
-    name = f"{data.name}-{DOMAIN_BACKBONE}-{data.image_size}px-e{epochs}-s{min_steps}"
+    name = f"{Path(data.name).name}-{data_digest(data)}-{DOMAIN_BACKBONE}-{data.image_size}px-e{epochs}-s{min_steps}"
     path = _cache_dir() / f"{name}.safetensors"
     if path.is_file():
         from medlatent.nets.backbones import build_encoder

@@ -4,7 +4,8 @@ No Inception weights are available offline and they fit medical images poorly, s
 come from an encoder trained on the real training split (named in every output).
 
 * Frechet distance (Heusel et al., NeurIPS 2017): ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^1/2),
-  computed by MONAI's ``FIDMetric`` on our features.
+  on our features, with the matrix square root of ``scipy.linalg.sqrtm`` handled as pytorch-fid
+  does (equal to MONAI's ``FIDMetric``, which passes ``sqrtm(disp=False)``, gone in scipy 1.18).
 * Precision and recall (Kynkaanniemi et al., NeurIPS 2019): the real manifold is the union of
   balls around each real feature with radius its k-th nearest real neighbour; precision is the
   share of generated samples inside it, recall the share of real samples inside the generated
@@ -16,18 +17,48 @@ come from an encoder trained on the real training split (named in every output).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """(N, D), (M, D) features -> Frechet distance between the two fitted Gaussians."""
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    """Principal square root of a (D, D) matrix; scipy's singular-matrix warning is silenced
+    because the caller checks the result (covariances of fewer samples than features are singular)."""
     import warnings
 
-    from monai.metrics import FIDMetric
+    import scipy.linalg
 
-    with warnings.catch_warnings():  # MONAI passes scipy's deprecated sqrtm(disp=...)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return float(FIDMetric()(fake.double(), real.double()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        return np.asarray(scipy.linalg.sqrtm(a))
+
+
+def frechet_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                       eps: float = 1e-6) -> float:
+    """Frechet distance of N(mu1, sigma1) and N(mu2, sigma2): means (D,), covariances (D, D).
+
+    As pytorch-fid (Seitzer 2020): if (S1 S2)^1/2 is not finite, eps * I is added to both
+    covariances; a complex root (numerical error) keeps its real part once the imaginary part of
+    its diagonal is below 1e-3."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    covmean = _sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * eps
+        covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Frechet distance: imaginary component {np.max(np.abs(covmean.imag)):.3g} too high")
+        covmean = covmean.real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """(N, D), (M, D) features -> Frechet distance between the two fitted Gaussians (sample
+    means and unbiased covariances, as MONAI's ``FIDMetric`` and pytorch-fid)."""
+    r, f = real.double().cpu().numpy(), fake.double().cpu().numpy()
+    return frechet_from_stats(r.mean(0), np.cov(r, rowvar=False), f.mean(0), np.cov(f, rowvar=False))
 
 
 def _kth_radius(x: torch.Tensor, k: int) -> torch.Tensor:

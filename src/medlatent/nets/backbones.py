@@ -2,8 +2,10 @@
 
 Every encoder maps ``(B, C, *spatial)`` to ``(B, out_dim)`` and carries ``out_dim``,
 ``in_channels``, ``spatial_dims`` and ``prefers_channels_last``. Parameter names are MONAI's,
-so pretrained weights load straight into MONAI models (the ViT's into ``monai.networks.nets.ViT``
-or the ``vit`` of ``UNETR``; the ResNet's into ``monai.networks.nets.ResNet``).
+so pretrained weights load straight into MONAI models: the ResNet's into ``monai.networks.nets.ResNet``,
+the ViT's into ``monai.networks.nets.ViT``, and into the ``vit`` of ``UNETR`` (depth 12, ``qkv_bias=True``,
+the CLS token left out) only for 16-px patches, which UNETR fixes: images of 128 px or more with the
+default patch rule, or ``backbone.patch_size=16``; not the 4- or 8-px patches of 28- and 64-px runs.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from medlatent.config import ViewConfig
+from medlatent.config import ViewConfig, bounded
 from medlatent.losses import BYOLLoss
 from medlatent.nets.heads import byol_projection_head
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
@@ -24,7 +24,7 @@ from medlatent.ssl.mechanics import cosine_schedule, ema_update, make_teacher
 @dataclass
 class BYOLConfig:
     # tau_base: the paper's 0.996 assumes ~100k+ steps; a few thousand steps need a faster target.
-    momentum: float = 0.99
+    momentum: float = bounded(0.99, ge=0, le=1)
     hidden_dim: int = 1024  # paper 4096
     out_dim: int = 256  # the paper's
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from medlatent.config import ViewConfig
+from medlatent.config import ViewConfig, bounded
 from medlatent.losses import DINOLoss
 from medlatent.nets.heads import DINOHead
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
@@ -33,13 +33,13 @@ class DINOConfig:
     local_size: int | None = None
     global_scale: tuple[float, float] = (0.4, 1.0)  # the paper's
     local_scale: tuple[float, float] = (0.1, 0.4)  # the paper's (0.05, 0.4), floor raised for 28 px
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04
+    student_temp: float = bounded(0.1, gt=0)
+    teacher_temp: float = bounded(0.04, gt=0)
+    warmup_teacher_temp: float = bounded(0.04, gt=0)
     # Fraction of training over which the teacher temperature warms up (30 of 100 epochs in the paper).
     warmup_teacher_temp_fraction: float = 0.3
-    momentum: float = 0.99  # start of the cosine to 1 (paper 0.996 over 300 epochs of ImageNet)
-    center_momentum: float = 0.9
+    momentum: float = bounded(0.99, ge=0, le=1)  # start of the cosine to 1 (paper 0.996 over 300 epochs of ImageNet)
+    center_momentum: float = bounded(0.9, ge=0, le=1)
 
 
 class DINO(nn.Module):
@@ -62,7 +62,13 @@ class DINO(nn.Module):
         self.register_buffer("progress", torch.zeros(2))  # (step, total): schedules survive resume
 
     def current_teacher_temp(self) -> float:
+        """The teacher temperature of the coming step: linear from ``warmup_teacher_temp`` to
+        ``teacher_temp`` over the warm-up, then constant (Caron et al. 2021; the reference code's
+        ``np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs)`` starts at the warm-up
+        value). Before the first step ``progress`` is (0, 0), which is step 0 of a warm-up."""
         step, total = (int(v) for v in self.progress.tolist())
+        if total == 0:
+            return self.warmup_teacher_temp if self.warmup_fraction > 0 else self.teacher_temp
         return linear_warmup(step, int(self.warmup_fraction * total), self.warmup_teacher_temp, self.teacher_temp)
 
     def forward(self, views: list[torch.Tensor]) -> StepOutput:

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medlatent.augment.views import geometric_only
-from medlatent.config import ViewConfig
+from medlatent.config import ViewConfig, bounded
 from medlatent.nets.backbones import ViTEncoder, transformer_block
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
 from medlatent.ssl.mechanics import cosine_schedule, ema_update, gather_tokens, make_teacher, sincos_positions
@@ -33,7 +33,7 @@ class IJEPAConfig:
     predictor_dim: int = 96  # narrow, as the paper's (384 for ViT-H)
     predictor_depth: int = 3  # paper 6-12; the encoder here is tiny
     predictor_heads: int = 3
-    momentum: float = 0.99  # start of the cosine to 1 (paper 0.996)
+    momentum: float = bounded(0.99, ge=0, le=1)  # start of the cosine to 1 (paper 0.996)
 
 
 def sample_block(grid: int, d: int, scale: tuple[float, float], aspect: tuple[float, float],

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from medlatent.augment.views import geometric_only
-from medlatent.config import ViewConfig
+from medlatent.config import ViewConfig, bounded
 from medlatent.losses import MaskedPatchLoss
 from medlatent.nets.backbones import ViTEncoder, transformer_block
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
@@ -23,7 +23,7 @@ from medlatent.ssl.mechanics import gather_tokens, patchify, random_masking, sin
 
 @dataclass
 class MAEConfig:
-    mask_ratio: float = 0.75  # the paper's
+    mask_ratio: float = bounded(0.75, gt=0, lt=1)  # the paper's
     decoder_dim: int = 128  # paper 512 for ViT-L; a narrow decoder suits a tiny encoder
     decoder_depth: int = 2  # paper 8; "even a single block works" (Table 1a)
     decoder_heads: int = 4

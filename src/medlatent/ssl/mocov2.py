@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medlatent.config import ViewConfig
+from medlatent.config import ViewConfig, bounded
 from medlatent.losses import InfoNCELoss, TripletLoss
 from medlatent.nets.heads import mocov2_head
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
@@ -24,17 +24,17 @@ from medlatent.ssl.mechanics import FIFOQueue, ema_update, make_teacher
 
 @dataclass
 class MoCoV2Config:
-    temperature: float = 0.2  # MoCo v2's value
+    temperature: float = bounded(0.2, gt=0)  # MoCo v2's value
     # The paper's 0.999 suits ~5k steps per epoch on ImageNet; with tens of steps per epoch on
     # MedMNIST the key encoder must follow faster.
-    momentum: float = 0.99
+    momentum: float = bounded(0.99, ge=0, le=1)
     # Queue length K. None: the paper's ratio (65,536 keys for 1.28 M images, ~5 %) applied to
     # the training set, at least 4 batches.
     queue_size: int | None = None
     hidden_dim: int = 512
     out_dim: int = 128
     objective: Literal["infonce", "triplet"] = "infonce"
-    margin: float = 0.2
+    margin: float = bounded(0.2, ge=0)
 
 
 def default_queue_size(n_images: int, batch_size: int) -> int:

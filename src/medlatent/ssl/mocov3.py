@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from medlatent.config import ViewConfig
+from medlatent.config import ViewConfig, bounded
 from medlatent.losses import BatchContrastLoss
 from medlatent.nets.heads import mocov3_prediction_head, mocov3_projection_head
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
@@ -22,8 +22,8 @@ from medlatent.ssl.mechanics import cosine_schedule, ema_update, make_teacher
 
 @dataclass
 class MoCoV3Config:
-    temperature: float = 0.2  # the paper's value for ViTs (1.0 for ResNets at batch 4096)
-    momentum: float = 0.99  # start of the cosine schedule to 1 (the paper's 0.99)
+    temperature: float = bounded(0.2, gt=0)  # the paper's value for ViTs (1.0 for ResNets at batch 4096)
+    momentum: float = bounded(0.99, ge=0, le=1)  # start of the cosine schedule to 1 (the paper's 0.99)
     hidden_dim: int = 1024  # paper 4096; scaled down with the encoder
     out_dim: int = 256  # the paper's
 

@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
-from medlatent.config import ViewConfig
+from medlatent.config import ViewConfig, bounded
 from medlatent.losses import NTXentLoss, TripletLoss
 from medlatent.nets.heads import simclr_head
 from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
@@ -23,7 +23,7 @@ from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
 @dataclass
 class SimCLRConfig:
     # 0.1-0.5 is the paper's range (Table 5); 0.2 suits batches of a few hundred.
-    temperature: float = 0.2
+    temperature: float = bounded(0.2, gt=0)
     # Hidden width of g. The paper uses the encoder width (2048 for ResNet-50); 512 keeps the
     # head small next to a 256-d half-width ResNet.
     hidden_dim: int = 512
@@ -34,7 +34,7 @@ class SimCLRConfig:
     # "triplet" swaps NT-Xent for a triplet margin loss on the same projections (anchor = one
     # view, positive = the other, negative = the hardest other image in the batch).
     objective: Literal["ntxent", "triplet"] = "ntxent"
-    margin: float = 0.2
+    margin: float = bounded(0.2, ge=0)
 
 
 class SimCLR(nn.Module):

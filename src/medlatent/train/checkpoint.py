@@ -10,24 +10,34 @@ Layout of one checkpoint (a folder under ``<run>/checkpoints/``)::
 The folder is written under a hidden temporary name, every file fsync'd, then renamed in one
 atomic ``os.rename``; a folder named ``step-*`` is therefore always complete. Nothing is ever
 unpickled: tensors come from safetensors, everything else from JSON.
+
+A checkpoint can still be damaged after it was written (a disk error, a copy cut short, a
+file edited by hand). :func:`latest` then falls back to the newest intact one and records
+which it skipped and why (``Checkpoint.skipped``), and :func:`warn` tells the user.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from medlatent.errors import CheckpointError
 
 _NAME = re.compile(r"^step-(\d{8})$")
+_TMP = re.compile(r"^\.step-\d{8}\.tmp-(\d+)$")
+# What a damaged file raises: safetensors' own error (not a ValueError), JSON and OS errors.
+_UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)
+log = logging.getLogger("medlatent")
 
 
 @dataclass
@@ -39,6 +49,8 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any] | None
     state: dict[str, Any]
+    # Newer checkpoints that could not be read, newest first: (folder, reason).
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def save(folder: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -73,39 +85,85 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 
 def prune(folder: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` checkpoints, and any temporary leftovers."""
+    """Delete all but the newest ``keep`` checkpoints, and this process's temporary leftovers
+    (and those of processes that no longer exist); another live process's are never touched."""
     for p in folder.iterdir():
-        if p.name.startswith(".step-"):
+        m = _TMP.match(p.name)
+        if m and (int(m.group(1)) == os.getpid() or not _alive(int(m.group(1)))):
             shutil.rmtree(p, ignore_errors=True)
     for p in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def load(path: Path, with_optimizer: bool = True) -> Checkpoint:
-    """Load one checkpoint folder."""
+    """Load one checkpoint folder.
+
+    Raises:
+        CheckpointError: a file is missing, truncated or corrupt (one line naming the folder).
+    """
     try:
         state = json.loads((path / "state.json").read_text())
+        step = int(state["step"])
         model = load_file(path / "model.safetensors")
         opt = None
         if with_optimizer and "optimizer" in state:
             opt = _join_optimizer(load_file(path / "optimizer.safetensors"), state["optimizer"])
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
-    return Checkpoint(path, int(state["step"]), model, opt, state)
+    except _UNREADABLE as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint ({_first_line(e)})") from None
+    return Checkpoint(path, step, model, opt, state)
 
 
 def latest(folder: Path, with_optimizer: bool = True) -> Checkpoint | None:
-    """The newest complete checkpoint in ``folder``, or None."""
+    """The newest intact checkpoint in ``folder``, or None when there is none at all.
+
+    Damaged newer checkpoints are skipped and listed in ``Checkpoint.skipped``.
+
+    Raises:
+        CheckpointError: checkpoints exist but none of them can be read.
+    """
     found = list_checkpoints(folder)
-    return load(found[-1], with_optimizer) if found else None
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(found):
+        try:
+            ckpt = load(path, with_optimizer)
+        except CheckpointError as e:
+            skipped.append((path, str(e).split(": ", 1)[-1]))
+            continue
+        ckpt.skipped = skipped
+        return ckpt
+    if skipped:
+        raise CheckpointError(f"{folder}: none of its {len(found)} checkpoints can be read "
+                              f"(newest: {skipped[0][0].name}, {skipped[0][1]})")
+    return None
+
+
+def warn(ckpt: Checkpoint) -> None:
+    """Say on the ``medlatent`` logger which damaged checkpoints were skipped for ``ckpt``."""
+    for path, why in ckpt.skipped:
+        log.warning(f"{path}: skipped, {why}; using {ckpt.path.name} (step {ckpt.step})")
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, with a one-line error if it is missing or corrupt."""
     try:
         return load_file(path)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read weights ({e})") from None
+    except _UNREADABLE as e:
+        raise CheckpointError(f"{path}: cannot read weights ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

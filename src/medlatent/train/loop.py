@@ -88,6 +88,7 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
     start = 0
     ckpt = checkpoint.latest(run.checkpoints)
     if ckpt is not None:
+        checkpoint.warn(ckpt)
         method.load_state_dict(ckpt.model)
         if channels_last:
             method.to(memory_format=memory_format(spatial_dims))

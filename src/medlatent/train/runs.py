@@ -10,19 +10,22 @@
         checkpoints/        see checkpoint.py
         encoder.safetensors the final encoder weights (MONAI parameter names)
         probe.json          results of `medlatent probe`
+        .lock               held (an OS file lock) by the one process training the run
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from medlatent.config import PretrainConfig, from_dict, load_yaml, to_dict
-from medlatent.errors import CheckpointError
+from medlatent.errors import CheckpointError, RunInUse
 from medlatent.train import checkpoint
 
 
@@ -86,19 +89,55 @@ class RunDir:
             f.write(json.dumps(record) + "\n")
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drop metrics records past ``after_step`` (a resumed run writes them again)."""
+        """Drop metrics records past ``after_step`` (a resumed run writes them again), and a
+        line torn by a kill mid-write."""
         if not self.metrics_file.is_file():
             return
-        keep = [line for line in self.metrics_file.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= after_step]
+        keep = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
         tmp = self.metrics_file.with_name(".metrics.jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.metrics_file)
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """Every metrics record; a line that is not a JSON object (torn by a kill) is skipped."""
         if not self.metrics_file.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.metrics_file.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Own the run folder for the life of the block: an OS lock on ``<run>/.lock``, released
+        by the kernel if the process dies, so two processes never write one run.
+
+        Raises:
+            RunInUse: another live process holds the folder (its pid is named).
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = (self.path / ".lock").open("a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise RunInUse(f"{self.path}: in use by process {holder}; wait for it to finish, stop it, "
+                           f"or choose another --output") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            yield
+        finally:
+            f.close()  # closing releases the lock
 
 
 def environment(extra: dict[str, Any]) -> dict[str, Any]:
