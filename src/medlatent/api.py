@@ -82,6 +82,7 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     main = dist.launched_rank() == 0  # under torchrun, rank 0 owns the folder for all ranks
     if resume:
         run.read_config()  # not a run folder: one line, and no folder or lock file is created
+        run.check_not_in_use()
         with run.lock() if main else contextlib.nullcontext():
             cfg = _with_overrides(run.read_config(), overrides or {})
             return run.path, _train(run, cfg, True, on_progress, should_stop)
@@ -90,6 +91,7 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     cfg = dataclasses.replace(config) if config else PretrainConfig()
     check_ranges(cfg)
     if main:
+        run.check_not_in_use()
         _refuse_used(run)
     created = not run.path.exists()
     plan = _plan(cfg)  # reads the data and builds the model: nothing is written yet
@@ -157,12 +159,17 @@ def _plan(cfg: PretrainConfig) -> _Plan:
     training split, the model, the views, and whether it all fits in memory."""
     from medlatent.augment.views import ViewRecipe, resolve
     from medlatent.data.sources import estimate_store_bytes
-    from medlatent.nets.backbones import ViTEncoder, build_backbone
+    from medlatent.nets.backbones import ENCODERS, VIT_ENCODERS, build_backbone
     from medlatent.ssl.base import BuildContext
     from medlatent.ssl.registry import get_method
     from medlatent.train import memory
 
     spec = get_method(cfg.method)
+    if cfg.backbone.name not in ENCODERS:  # before reading any data
+        raise ConfigError(f"backbone.name: unknown encoder '{cfg.backbone.name}' (known: {', '.join(ENCODERS)})")
+    if spec.needs_vit and cfg.backbone.name not in VIT_ENCODERS:
+        raise ConfigError(f"method {cfg.method} works on patch tokens and needs a ViT backbone "
+                          f"(--backbone {' or '.join(VIT_ENCODERS)}), not {cfg.backbone.name}")
     options = from_dict(spec.options, cfg.method_options, "method_options")
     cfg.method_options = to_dict(options)
     device = resolve_device(cfg.train.device)
@@ -189,9 +196,6 @@ def _plan(cfg: PretrainConfig) -> _Plan:
     dist.init_from_env(device)
     torch.manual_seed(cfg.train.seed)  # weight initialisation
     encoder = build_backbone(cfg.backbone, data.channels, cfg.data.size, data.spatial_dims)
-    if spec.needs_vit and not isinstance(encoder, ViTEncoder):
-        raise ConfigError(f"method {cfg.method} works on patch tokens and needs a ViT backbone "
-                          f"(--backbone vit-tiny or vit-small), not {cfg.backbone.name}")
     labels = None
     if spec.uses_labels and getattr(options, "conditional", False) and data.task is not None \
             and not data.task.startswith("multi-label"):

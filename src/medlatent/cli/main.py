@@ -804,10 +804,15 @@ def _warnings_to_stderr() -> None:
     """Library warnings (e.g. a damaged checkpoint skipped) as ``warning: ...`` lines on stderr."""
     import logging
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    class Echo(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            click.echo(f"warning: {record.getMessage()}", err=True)  # the current stderr
+
     log = logging.getLogger("medlatent")
-    log.addHandler(handler)
+    if not any(isinstance(h, Echo) or getattr(h, "medlatent_cli", False) for h in log.handlers):
+        handler = Echo()
+        handler.medlatent_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
     log.setLevel(logging.WARNING)
     log.propagate = False
 

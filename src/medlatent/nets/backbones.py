@@ -170,7 +170,8 @@ def default_patch_size(img_size: int) -> int:
     return 4 if img_size <= 32 else 8 if img_size <= 64 else 16
 
 
-ENCODERS = ("resnet18", "resnet18-half", "resnet18-quarter", "vit-tiny", "vit-small")
+VIT_ENCODERS = ("vit-tiny", "vit-small")
+ENCODERS = ("resnet18", "resnet18-half", "resnet18-quarter", *VIT_ENCODERS)
 
 
 def build_encoder(name: str, in_channels: int, img_size: int, spatial_dims: int = 2,
@@ -182,7 +183,7 @@ def build_encoder(name: str, in_channels: int, img_size: int, spatial_dims: int 
         return SmallImageResNet(in_channels, spatial_dims, width=32)
     if name == "resnet18-quarter":  # 16-32-64-128: 3.3x faster than half width on a CPU
         return SmallImageResNet(in_channels, spatial_dims, width=16)
-    if name in ("vit-tiny", "vit-small"):
+    if name in VIT_ENCODERS:
         dim, heads = (192, 3) if name == "vit-tiny" else (384, 6)
         return ViTEncoder(in_channels, img_size, patch_size or default_patch_size(img_size),
                           hidden_size=dim, depth=depth or 12, num_heads=heads, spatial_dims=spatial_dims,

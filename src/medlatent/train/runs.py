@@ -128,8 +128,7 @@ class RunDir:
             f.seek(0)
             holder = f.read().strip() or "unknown"
             f.close()
-            raise RunInUse(f"{self.path}: in use by process {holder}; wait for it to finish, stop it, "
-                           f"or choose another --output") from None
+            raise RunInUse(self._in_use(holder)) from None
         try:
             f.seek(0)
             f.truncate()
@@ -138,6 +137,20 @@ class RunDir:
             yield
         finally:
             f.close()  # closing releases the lock
+
+    def check_not_in_use(self) -> None:
+        """Raise :class:`RunInUse` if another process holds the folder (nothing is created)."""
+        lock_file = self.path / ".lock"
+        if not lock_file.is_file():
+            return
+        with lock_file.open("r") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                raise RunInUse(self._in_use(f.read().strip() or "unknown")) from None
+
+    def _in_use(self, holder: str) -> str:
+        return f"{self.path}: in use by process {holder}; wait for it to finish, stop it, or choose another --output"
 
 
 def environment(extra: dict[str, Any]) -> dict[str, Any]:
