@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +68,28 @@ def write_stripes_npz(path: Path, n_train: int = 256, n_val: int = 64, n_test: i
 @pytest.fixture
 def stripes_npz(tmp_path: Path) -> Path:
     return write_stripes_npz(tmp_path / "stripes.npz")
+
+
+def invoke(*args: str) -> int:
+    """Run ``medlatent ARGS`` through the real entry point in this process; its exit code.
+    Signal handlers the command installs (Ctrl-C saves a checkpoint) are put back after."""
+    from medlatent.cli.main import main
+
+    old_argv, handlers = sys.argv, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    sys.argv = ["medlatent", *args]
+    try:
+        main()
+        return 0
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = old_argv
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``medlatent ARGS``."""
+    code = invoke(*args)
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -4,8 +4,6 @@ traceback, and nothing left that blocks the corrected re-run (no run folder is c
 
 from __future__ import annotations
 
-import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,26 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medlatent.cli.main import main
 from medlatent.train.runs import RunDir
 
-from conftest import write_stripes_npz
+from conftest import invoke, run_cli, write_stripes_npz
 
 
-def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    old_argv, handlers = sys.argv, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    sys.argv = ["medlatent", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = old_argv
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def npz(path: Path, **arrays: np.ndarray) -> str:
@@ -89,7 +72,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     (root / "unknown.yaml").write_text("optim:\n  lrr: 0.1\n")
     (root / "afile").write_text("not a folder\n")
     run = root / "run"
-    code = _pretrain_quietly(["--data", good, "--epochs", "1", "--batch-size", "32", "--output", str(run)])
+    code = invoke("pretrain", "--data", good, "--epochs", "1", "--batch-size", "32", "--output", str(run))
     assert code == 0
     nockpt = RunDir(root / "nockpt")
     nockpt.write_config(RunDir(run).read_config())
@@ -103,18 +86,6 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> Inputs:
     return Inputs(root, good, run)
 
 
-def _pretrain_quietly(args: list[str]) -> int:
-    old_argv, handlers = sys.argv, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    sys.argv = ["medlatent", "pretrain", *args]
-    try:
-        main()
-        return 0
-    except SystemExit as e:
-        return int(e.code or 0)
-    finally:
-        sys.argv = old_argv
-        for s, h in handlers.items():
-            signal.signal(s, h)
 
 
 @dataclass

@@ -8,27 +8,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 
-from medlatent.cli.main import main
 from medlatent.config import PretrainConfig
 from medlatent.train.runs import RunDir
 
-from conftest import write_stripes_npz
+from conftest import run_cli, write_stripes_npz
 
 
-def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    old = sys.argv
-    sys.argv = ["medlatent", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = old
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def one_error_line(err: str) -> str:

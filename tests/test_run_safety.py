@@ -17,29 +17,14 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from medlatent.api import pretrain
-from medlatent.cli.main import main
 from medlatent.config import PretrainConfig, check_ranges, from_dict
 from medlatent.errors import CheckpointError, ConfigError, RunInUse
 from medlatent.train import checkpoint, memory
 from medlatent.train.runs import RunDir
 
-from conftest import write_stripes_npz
+from conftest import run_cli, write_stripes_npz
 
 
-def run_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
-    old_argv, handlers = sys.argv, {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    sys.argv = ["medlatent", *args]
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    finally:
-        sys.argv = old_argv
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def tiny_config(data: Path, epochs: float = 2, seed: int = 0) -> PretrainConfig:

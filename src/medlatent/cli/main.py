@@ -127,7 +127,6 @@ def pretrain(data_name: str | None, method: str | None, backbone: str | None, ep
              sets: tuple[str, ...], output: str | None, resume: str | None) -> None:
     """Learn an encoder from unlabelled images (labels are never read)."""
     from medlatent.config import PretrainConfig, from_dict, load_yaml
-    from medlatent.errors import ConfigError
 
     if resume:
         changing = {"--data": data_name, "--method": method, "--backbone": backbone, "--epochs": epochs,
