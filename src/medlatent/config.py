@@ -160,6 +160,34 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def apply_set(tree: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` override (the CLI's ``--set``) to a config mapping in place;
+    the value is read as YAML (``0.1``, ``true``, ``[0.3, 1]``). The result still goes through
+    :func:`from_dict`, which checks keys, types and ranges.
+
+    Raises:
+        ConfigError: no ``=``, an empty key part, a key through a non-section, or a value that
+            is not YAML.
+    """
+    import yaml
+
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected section.key=value")
+    key, raw = assignment.split("=", 1)
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment}: expected section.key=value")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment}: {p} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {assignment}: the value {raw!r} is not valid YAML (e.g. 0.1, true, [0.3, 1])") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping; a missing or malformed file is a one-line ConfigError."""
     import yaml

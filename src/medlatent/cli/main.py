@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from medlatent import __version__
+from medlatent.config import apply_set
 from medlatent.errors import MedlatentError
 
 # Value ranges of flags, checked while parsing (config values are checked again by range).
@@ -78,28 +79,6 @@ def data_download(names: tuple[str, ...], size: int, data_dir: str | None) -> No
 # ------------------------------------------------------------------------------- pretrain
 
 
-def _apply_set(tree: dict[str, Any], assignment: str) -> None:
-    import yaml
-
-    from medlatent.errors import ConfigError
-
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment}: expected section.key=value")
-    key, raw = assignment.split("=", 1)
-    parts = key.split(".")
-    if not all(parts):
-        raise ConfigError(f"--set {assignment}: expected section.key=value")
-    node = tree
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {assignment}: {p} is not a section")
-    try:
-        node[parts[-1]] = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {assignment}: the value {raw!r} is not valid YAML (e.g. 0.1, true, [0.3, 1])") from None
-
-
 @cli.command()
 @click.option("--data", "data_name", default=None, help="MedMNIST subset, .npz file or image folder. [default: bloodmnist]")
 @click.option("--method", default=None, help="simclr, mocov2, mocov3, byol, dino, mae, ijepa, rotation, autoencoder, denoising-autoencoder. [default: simclr]")
@@ -149,7 +128,7 @@ def pretrain(data_name: str | None, method: str | None, backbone: str | None, ep
                 else:
                     tree[section] = value
         for s in sets:
-            _apply_set(tree, s)
+            apply_set(tree, s)
         cfg = from_dict(PretrainConfig, tree, config_file or "config")
         out = output
     _run_pretraining(cfg, out, bool(resume))
@@ -286,7 +265,7 @@ def generate_train(model: str | None, data_name: str | None, conditional: bool |
             section, sub = key.split(".")
             tree.setdefault(section, {})[sub] = value
     for s in sets:
-        _apply_set(tree, s)
+        apply_set(tree, s)
     _run_pretraining(from_dict(PretrainConfig, tree, "config"), output, False)
 
 
@@ -406,7 +385,7 @@ def anomaly_fit(data_name: str, normal: str, detector: str, epochs: float, batch
     tree["train"] = {"epochs": epochs, **({"batch_size": batch_size} if batch_size else {}),
                      **({"time_budget_s": time_budget} if time_budget else {}), **({"device": device} if device else {})}
     for s in sets:
-        _apply_set(tree, s)
+        apply_set(tree, s)
     _run_pretraining(from_dict(PretrainConfig, tree, "config"), output, False)
 
 
@@ -490,7 +469,7 @@ def restore_train(task: str, model: str, data_name: str | None, epochs: float, b
                                       **({"device": device} if device else {})},
                             "data": {k: v for k, v in dict(name=data_name, data_dir=data_dir).items() if v}}
     for s in sets:
-        _apply_set(tree, s)
+        apply_set(tree, s)
     _run_pretraining(from_dict(PretrainConfig, tree, "config"), output, False)
 
 
