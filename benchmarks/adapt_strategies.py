@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import memory_cell  # benchmarks/common.py
+
 STRATEGIES = ["linear", "finetune", "bias", "lora", "lora-all", "adapter", "adaptformer", "prompt"]
 # Named variants beyond a strategy's defaults. lora-all: LoRA on every Linear of every block at
 # rank 2 (alpha = 2r, so alpha / r = 2 as for the default), the same 73,728 parameters on ViT-tiny
@@ -48,15 +50,8 @@ def table(out: Path) -> str:
     for r in sorted(rows, key=lambda r: (r["data"], -r["fraction"], order[r["strategy"]])):
         lines.append(f"| {r['strategy']} | {r['trainable_params']:,} | {r['trainable_pct']:.2f} % | {r['data']} | "
                      f"{r['fraction']:.0%} | {r['test']['acc']:.3f} | {r['test']['auc']:.3f} | {r['train_s']:.0f} s | "
-                     f"{_memory(r)} |")
+                     f"{memory_cell(r)} |")
     return "\n".join(lines)
-
-
-def _memory(r: dict) -> str:
-    """Peak GPU memory where the run used a GPU, else peak host RSS."""
-    if r.get("peak_gpu_gib"):
-        return f"{r['peak_gpu_gib']:.2f} GiB GPU"
-    return f"{r['peak_rss_gib']:.2f} GiB RSS"
 
 
 def main() -> None:

@@ -18,14 +18,13 @@ import json
 from pathlib import Path
 
 import numpy as np
-from calibrate import epochs_for_budget, images_per_second, run_cli  # benchmarks/calibrate.py
+from calibrate import calibrated_epochs, run_budgeted, run_cli  # benchmarks/calibrate.py
+from common import SMALL_BATCH_DIFFUSION  # benchmarks/common.py
 
 PROTOCOLS = {"pneumoniamnist": [[0]], "breastmnist": [[1]], "bloodmnist": [[c] for c in range(8)]}
 DETECTORS = ["ae", "dae", "vae", "ddpm", "knn"]
-# Pixel-space DDPM is slow per image on a CPU: at batch 256 a 3-minute budget is 20 optimiser
-# steps. Batch 32 (lr 2e-4 per batch 32, given per batch 256 as the loop expects) buys 8x more,
-# as in benchmarks/generative.py.
-OVERRIDES = {"ddpm": ["--batch-size", "32", "--set", "optim.lr=1.6e-3"]}
+# Pixel-space DDPM on a CPU: at batch 256 a 3-minute budget is 20 optimiser steps (common.py).
+OVERRIDES = {"ddpm": SMALL_BATCH_DIFFUSION}
 
 
 def n_normal(data: str, normal: list[int]) -> int:
@@ -55,12 +54,12 @@ def one(data: str, normal: list[int], detector: str, score: str, args: argparse.
     else:
         run = Path(args.out_dir) / f"run-{tag}"
         if not (run / "config.yaml").exists():
-            fit = ["anomaly", "fit", "--data", data, "--normal", normal_s, "--detector", detector,
+            fit = ["anomaly", "fit", "--data", data, "--normal", normal_s, "--method", detector,
                    *OVERRIDES.get(detector, [])]
             budget_s = args.budget_min * 60
-            ips = images_per_second(fit, Path(args.out_dir) / f".calibrate-{tag}", seconds=15.0)
-            epochs = epochs_for_budget(ips, n_normal(data, normal), budget_s)
-            run_cli(*fit, "--epochs", str(epochs), "--time-budget", str(budget_s), "--output", str(run))
+            _, epochs = calibrated_epochs(fit, n_normal(data, normal), budget_s,
+                                          Path(args.out_dir) / f".calibrate-{tag}", 15.0)
+            run_budgeted(fit, epochs, budget_s, run)
         run_cli("anomaly", "score", str(run), "--score", score, "--out", str(out))
     return json.loads((out / "anomaly.json").read_text())
 

@@ -2,8 +2,8 @@
 wall-clock training budget on this machine; then `medlatent generate evaluate` for each
 (Frechet distance, precision/recall, TSTR vs TRTR, memorisation) and one table.
 
-The epochs are calibrated like benchmarks/pretrain_probe.py: a 25-second run measures img/s
-and the cosine schedule is sized to fill the budget.
+The epochs are calibrated by benchmarks/calibrate.py: a 25-second run measures img/s and the
+cosine schedule is sized to fill the budget.
 
     python benchmarks/generative.py --data bloodmnist --budget-min 8
     python benchmarks/generative.py --table-only
@@ -14,46 +14,42 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import time
 from pathlib import Path
 
 import yaml
-from calibrate import epochs_for_budget, images_per_second, run_cli  # benchmarks/calibrate.py
+from calibrate import calibrated_epochs, median_images_per_second, run_budgeted, run_cli, train_images
+from common import SMALL_BATCH_DIFFUSION, parse_with_results, peak_rss_gib
+
+from medlatent.data.catalogue import split_size
 
 MODELS = {"vae": 1.0, "gan": 1.0, "ddpm": 2.0, "ldm": 2.0}  # model -> guidance used for sampling
-# Pixel-space DDPM is the slowest per image: a smaller batch buys it more optimiser steps in the
-# same minutes (lr 2e-4 at batch 32, given per batch 256 as the loop expects).
-OVERRIDES = {"ddpm": ["--set", "train.batch_size=32", "--set", "optim.lr=1.6e-3"]}
-N_TRAIN = {"bloodmnist": 11959, "pneumoniamnist": 4708}
+OVERRIDES = {"ddpm": SMALL_BATCH_DIFFUSION}  # see benchmarks/common.py
 
 
 def one(model: str, args: argparse.Namespace, out: Path) -> dict:
     budget_s = args.budget_min * 60
     run = out / f"run-{model}-{args.data}"
-    train = ["generate", "train", "--model", model, "--data", args.data, "--conditional", *OVERRIDES.get(model, []),
+    train = ["generate", "train", "--method", model, "--data", args.data, "--conditional", *OVERRIDES.get(model, []),
              *[a for kv in args.set for a in ("--set", kv)]]
     if args.evaluate_only:  # the run is trained already: judge it again
         ips = None
         epochs = float(yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"])
         train_s = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["time_s"]
     else:
-        ips = images_per_second(train, out / f".calibrate-{model}")
-        epochs = epochs_for_budget(ips, N_TRAIN.get(args.data, 10000), budget_s)
+        ips, epochs = calibrated_epochs(train, train_images(args.data), budget_s, out / f".calibrate-{model}")
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
-        run_cli(*train, "--epochs", str(epochs), "--time-budget", str(budget_s), "--output", str(run))
+        run_budgeted(train, epochs, budget_s, run)
         train_s = time.perf_counter() - t0
     t1 = time.perf_counter()
     run_cli("generate", "evaluate", str(run), "--n", str(args.n), "--guidance", str(MODELS[model]),
             "--steps", str(args.steps), "--classifier-epochs", str(args.classifier_epochs))
     r = json.loads((run / "generation_eval.json").read_text())
-    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    rates = sorted(m["images_per_s"] for m in metrics if "images_per_s" in m)
     params = json.loads((run / "env.json").read_text())
     r.update(epochs=epochs, calibrated_images_per_s=ips, train_s=train_s, evaluate_s=time.perf_counter() - t1,
-             train_images_per_s=rates[len(rates) // 2] if rates else None, budget_min=args.budget_min,
+             train_images_per_s=median_images_per_second(run, skip_warmup=False), budget_min=args.budget_min,
              machine=params.get("cpu"), run=str(run))
     (out / f"{model}_{args.data}.json").write_text(json.dumps(r, indent=1))
     return r
@@ -76,7 +72,7 @@ def table(out: Path, data: str) -> str:
                      f"{r['tstr_over_trtr']:.2f} | {r['memorisation']['share_below_half']:.1%} |")
     if ref:
         lines.append(f"\nReal train vs real test in the same features: Frechet distance "
-                     f"{ref['frechet_distance_train_vs_test']:.2f}. TRTR on all {N_TRAIN.get(data)} training images: "
+                     f"{ref['frechet_distance_train_vs_test']:.2f}. TRTR on all {split_size(data)} training images: "
                      f"ACC {ref['trtr_full']['acc']:.3f}. Features: {ref['domain_encoder']}.")
     return "\n".join(lines)
 
@@ -93,11 +89,7 @@ def main() -> None:
     ap.add_argument("--evaluate-only", action="store_true", help="judge existing runs again, no training")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config for every model, e.g. method_options.prediction=epsilon")
-    ap.add_argument("--out-dir", default="benchmarks/out/generative")
-    ap.add_argument("--table-only", action="store_true")
-    args = ap.parse_args()
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = parse_with_results(ap, "benchmarks/out/generative")
     if not args.table_only:
         for model in args.models:
             if (out / f"{model}_{args.data}.json").exists():
@@ -106,7 +98,7 @@ def main() -> None:
             print(f"{model}: FD {r['frechet_distance']:.2f}, TSTR/TRTR {r['tstr_over_trtr']:.2f}", flush=True)
     print(f"training budget per model in the table (conditional, {args.data}, 28 px, one run each); "
           f"{args.n} samples judged; DDIM {args.steps} steps; peak RSS of this driver "
-          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+          f"{peak_rss_gib():.2f} GiB")
     print(table(out, args.data))
 
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
+
+from common import parse_with_results, peak_rss_gib  # benchmarks/common.py
 
 VARIANTS = {"attention": 0, "prompt": 4}  # name -> prompt tokens (0: attention MIL on frozen embeddings)
 
@@ -29,7 +30,7 @@ def one(data: str, run: str, positive: int, prompts: int, steps: int, out: Path,
     r = run_mil(base, positive, bag_size=16, n_bags=400, prompts=prompts, steps=steps,
                 figure=out.with_suffix(".png"))
     r.update(run=run, steps=steps, time_s=time.perf_counter() - t0,
-             peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+             peak_rss_gib=peak_rss_gib())
     out.write_text(json.dumps(r, indent=1))
     return r
 
@@ -39,11 +40,7 @@ def main() -> None:
     ap.add_argument("--run", action="append", default=[], help="DATA=RUN:POSITIVE_CLASS (repeatable)")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--device", default="auto", help="cpu, cuda or auto (the rows in the README say which)")
-    ap.add_argument("--out-dir", default="benchmarks/out/mil")
-    ap.add_argument("--table-only", action="store_true")
-    args = ap.parse_args()
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = parse_with_results(ap, "benchmarks/out/mil")
     if not args.table_only:
         for spec in args.run:
             data, rest = spec.split("=", 1)

@@ -16,59 +16,40 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from calibrate import epochs_for_budget, median_images_per_second  # benchmarks/calibrate.py
+from calibrate import config_images_per_second, epochs_for_budget, median_images_per_second, train_images
+from common import peak_rss_gib  # benchmarks/common.py
 from medlatent.api import probe, run_pretraining
-from medlatent.config import PretrainConfig
-
-# Published test-set results at 28 px (ACC / AUC where given).
-PUBLISHED = {
-    "bloodmnist": [("MedMNIST v2 ResNet-18 (28), supervised", 0.958, 0.998),
-                   ("MedMNIST+ frozen ImageNet DINO ViT-B/16, linear probe (28)", 0.888, None),
-                   ("MedMNIST+ frozen ImageNet DINO ViT-B/16, k-NN (28)", 0.852, None)],
-    "pneumoniamnist": [("MedMNIST v2 ResNet-18 (28), supervised", 0.854, 0.944),
-                       ("MedMNIST+ frozen ImageNet DINO ViT-B/16, linear probe (28)", 0.866, None),
-                       ("MedMNIST+ frozen ImageNet DINO ViT-B/16, k-NN (28)", 0.857, None)],
-}
+from medlatent.config import PretrainConfig, apply_set, from_dict
+from medlatent.errors import ConfigError
+from medlatent.eval.published import published
 
 
 def make_config(args: argparse.Namespace, epochs: float, budget_s: float) -> PretrainConfig:
-    import yaml
-
-    cfg = PretrainConfig()
-    cfg.data.name = args.data
-    cfg.method = args.method
-    cfg.backbone.name = args.backbone
-    cfg.train.epochs = epochs
-    cfg.train.batch_size = args.batch_size
-    cfg.train.time_budget_s = budget_s
+    """The run's config: the flags, then each --set, with keys, types and ranges checked."""
+    tree = {"data": {"name": args.data}, "method": args.method, "backbone": {"name": args.backbone},
+            "train": {"epochs": epochs, "batch_size": args.batch_size, "time_budget_s": budget_s}}
     for s in args.sets:
-        key, value = s.split("=", 1)
-        section, name = key.split(".")
-        if section == "method_options":
-            cfg.method_options[name] = yaml.safe_load(value)
-        else:
-            setattr(getattr(cfg, section), name, yaml.safe_load(value))
-    return cfg
+        apply_set(tree, s)
+    return from_dict(PretrainConfig, tree)
 
 
-def calibrate(args: argparse.Namespace, out_dir: Path, seconds: float = 20.0) -> float:
-    """Images per second of this method here, from a short throwaway run (first steps excluded)."""
+def calibrate(args: argparse.Namespace, out_dir: Path, budget_s: float) -> tuple[float, float]:
+    """``(img/s, epochs)`` of this method here, from a short throwaway run of the same config."""
     # one folder per process: two runs of one method and data set (seeds) may calibrate at once
     tmp = out_dir / f".calibrate-{args.name or args.method}-{args.data}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    cfg = make_config(args, 1000, seconds)
-    cfg.train.log_every = 2
-    run, _ = run_pretraining(cfg, tmp)
-    ips = median_images_per_second(run)
-    shutil.rmtree(tmp, ignore_errors=True)
-    return ips
+    ips = config_images_per_second(make_config(args, 1.0, budget_s), tmp, args.calibrate_s)
+    return ips, epochs_for_budget(ips, train_images(args.data), budget_s)
+
+
+def published_json(data: str) -> list[tuple[str, float, float | None]]:
+    """The published rows as this script's JSON holds them: (label, ACC, AUC) per protocol."""
+    return [(p.label(protocol), acc, auc) for p in published(data) for protocol, acc, auc in p.results()]
 
 
 def main() -> None:
@@ -88,12 +69,13 @@ def main() -> None:
     args = ap.parse_args()
     out_dir = Path(args.out_dir)
     budget_s = args.budget_min * 60
-    n_train = {"bloodmnist": 11959, "pneumoniamnist": 4708}.get(args.data, 10000)
-    epochs = args.epochs
-    ips_calibrated = None
+    try:
+        make_config(args, args.epochs or 1.0, budget_s)  # a bad --set stops here, before any calibration
+    except ConfigError as e:
+        raise SystemExit(f"pretrain_probe.py: {e}") from None
+    epochs, ips_calibrated = args.epochs, None
     if not epochs:
-        ips_calibrated = calibrate(args, out_dir, args.calibrate_s)
-        epochs = epochs_for_budget(ips_calibrated, n_train, budget_s)
+        ips_calibrated, epochs = calibrate(args, out_dir, budget_s)
     cfg = make_config(args, epochs, budget_s)
     run_dir = out_dir / f"run-{args.method}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
@@ -102,20 +84,19 @@ def main() -> None:
     t1 = time.perf_counter()
     result = probe(run, splits=("val", "test"))
     probe_s = time.perf_counter() - t1
-    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    ips = sorted(m["images_per_s"] for m in metrics if "images_per_s" in m)
     test = {r["protocol"]: r for r in result["summary"] if r["split"] == "test"}
     env = json.loads((run / "env.json").read_text())
     out = dict(method=args.method, data=args.data, backbone=args.backbone, epochs=epochs, budget_min=args.budget_min,
                calibrated_images_per_s=ips_calibrated, status=fit.status, steps=fit.step, total_steps=fit.total_steps,
-               pretrain_s=pretrain_s, probe_s=probe_s, images_per_s_median=ips[len(ips) // 2] if ips else None,
-               peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+               pretrain_s=pretrain_s, probe_s=probe_s,
+               images_per_s_median=median_images_per_second(run, skip_warmup=False),
+               peak_rss_gib=peak_rss_gib(),
                peak_gpu_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
                knn_test=test["knn"], linear_test=test["linear"], sets=args.sets,
                machine=dict(cpu=env["cpu"], cores=os.cpu_count(), torch=torch.__version__, gpu=env["cuda"],
                             autocast=env["autocast"], channels_last=env["channels_last"],
                             python=platform.python_version()),
-               published=PUBLISHED.get(args.data, []))
+               published=published_json(args.data))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{args.name or args.method}_{args.data}.json").write_text(json.dumps(out, indent=1))
     if not args.keep_run and (run / "encoder.safetensors").is_file():  # a budget-stopped run keeps its checkpoint

@@ -20,10 +20,10 @@ import json
 import shutil
 from pathlib import Path
 
-from calibrate import epochs_for_budget, images_per_second, run_cli  # benchmarks/calibrate.py
+from calibrate import calibrated_epochs, run_budgeted, run_cli, train_images  # benchmarks/calibrate.py
+from common import SMALL_BATCH_DIFFUSION, parse_with_results  # benchmarks/common.py
 
 TASKS = ["denoise", "poisson", "kspace", "inpaint"]
-N_TRAIN = {"bloodmnist": 11959, "pneumoniamnist": 4708, "breastmnist": 546}
 
 
 def budgeted(train: list[str], run: Path, minutes: float, data: str, tmp: Path) -> None:
@@ -33,8 +33,8 @@ def budgeted(train: list[str], run: Path, minutes: float, data: str, tmp: Path) 
     if marker.exists() or (run / "restore_eval.json").exists():
         return
     shutil.rmtree(run, ignore_errors=True)
-    epochs = epochs_for_budget(images_per_second(train, tmp, 15.0), N_TRAIN.get(data, 10000), minutes * 60)
-    run_cli(*train, "--epochs", str(epochs), "--time-budget", str(minutes * 60), "--output", str(run))
+    _, epochs = calibrated_epochs(train, train_images(data), minutes * 60, tmp, 15.0)
+    run_budgeted(train, epochs, minutes * 60, run)
     marker.write_text(f"{minutes} min\n")
 
 
@@ -50,7 +50,7 @@ def evaluate(run: Path, args: argparse.Namespace, extra: list[str]) -> None:
 
 def train_and_evaluate(task: str, args: argparse.Namespace, out: Path, extra: dict[str, list[str]]) -> None:
     run = out / f"run-{task}-{args.data}"
-    budgeted(["restore", "train", "--task", task, "--model", "unet", "--data", args.data], run, args.budget_min,
+    budgeted(["restore", "train", "--task", task, "--method", "unet", "--data", args.data], run, args.budget_min,
              args.data, out / f".calibrate-{task}")
     evaluate(run, args, extra.get(task, []))
     print(f"{task}: done", flush=True)
@@ -62,8 +62,8 @@ def clean_image_models(args: argparse.Namespace, out: Path) -> dict[str, list[st
     extra: dict[str, list[str]] = {}
     if args.diffusion_min:
         ddpm = out / f"run-ddpm-{args.data}"
-        budgeted(["generate", "train", "--model", "ddpm", "--data", args.data, "--set", "train.batch_size=32",
-                  "--set", "optim.lr=1.6e-3"], ddpm, args.diffusion_min, args.data, out / ".calibrate-ddpm")
+        budgeted(["generate", "train", "--method", "ddpm", "--data", args.data, *SMALL_BATCH_DIFFUSION], ddpm,
+                 args.diffusion_min, args.data, out / ".calibrate-ddpm")
         for task in ("denoise", "kspace", "inpaint"):
             extra[task] = ["--diffusion", str(ddpm)]
     if args.dae_min:
@@ -85,9 +85,8 @@ def clean_image_models(args: argparse.Namespace, out: Path) -> dict[str, list[st
 def palette(args: argparse.Namespace, out: Path) -> None:
     """Paired image-to-image translation: conditional diffusion on (noisy, clean) pairs."""
     run = out / f"run-palette-denoise-{args.data}"
-    budgeted(["restore", "train", "--task", "denoise", "--model", "diffusion", "--data", args.data,
-              "--set", "train.batch_size=32", "--set", "optim.lr=1.6e-3"], run, args.palette_min, args.data,
-             out / ".calibrate-palette")
+    budgeted(["restore", "train", "--task", "denoise", "--method", "diffusion", "--data", args.data,
+              *SMALL_BATCH_DIFFUSION], run, args.palette_min, args.data, out / ".calibrate-palette")
     evaluate(run, args, [])
     print("palette: done", flush=True)
 
@@ -132,11 +131,7 @@ def main() -> None:
     ap.add_argument("--dae-min", type=float, default=0.0, help="denoising autoencoder (0: none)")
     ap.add_argument("--dae-sigma", type=float, default=0.5, help="its training noise, in [0, 1] units")
     ap.add_argument("--palette-min", type=float, default=0.0, help="conditional diffusion, noisy -> clean (0: none)")
-    ap.add_argument("--out-dir", default="benchmarks/out/restoration")
-    ap.add_argument("--table-only", action="store_true")
-    args = ap.parse_args()
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    args, out = parse_with_results(ap, "benchmarks/out/restoration")
     if not args.table_only:
         extra = clean_image_models(args, out)
         for task in args.tasks:

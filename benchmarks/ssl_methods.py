@@ -20,6 +20,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import memory_cell  # benchmarks/common.py
+
+from medlatent.eval.published import published
+
 # method -> backbone: ResNets for the contrastive and distillation methods, a ViT where the
 # method works on patch tokens. Extra overrides per method go in the list.
 METHODS = {
@@ -34,12 +38,6 @@ METHODS = {
     "autoencoder": ("resnet18-quarter", []),
     "denoising-autoencoder": ("resnet18-quarter", []),
     "simclr-triplet": ("resnet18-quarter", ["method_options.objective=triplet"]),
-}
-PUBLISHED = {
-    "bloodmnist": [("MedMNIST v2 ResNet-18 (28), supervised", 0.958, 0.998, None, None),
-                   ("MedMNIST+ frozen ImageNet DINO ViT-B/16 (28)", 0.888, None, 0.852, None)],
-    "pneumoniamnist": [("MedMNIST v2 ResNet-18 (28), supervised", 0.854, 0.944, None, None),
-                       ("MedMNIST+ frozen ImageNet DINO ViT-B/16 (28)", 0.866, None, 0.857, None)],
 }
 
 
@@ -56,15 +54,15 @@ def table(out_dir: Path, datasets: list[str]) -> str:
                 continue
             r = json.loads(f.read_text())
             k, lin = r["knn_test"], r["linear_test"]
-            memory = (f"{r['peak_gpu_gib']:.1f} GiB GPU" if r.get("peak_gpu_gib") else f"{r['peak_rss_gib']:.1f} GiB RSS")
             epochs = f"{r['epochs']:g}"
             if r.get("status") == "budget":  # stopped by the budget before its schedule ended
                 epochs = f"{r['steps']} of {r['total_steps']} steps"
             lines.append(f"| {name} | {r['backbone']} | {epochs} | {r['images_per_s_median']:.0f} | "
-                         f"{memory} | {k['acc']:.3f} | {k['auc']:.3f} | {lin['acc']:.3f} | "
+                         f"{memory_cell(r, 1)} | {k['acc']:.3f} | {k['auc']:.3f} | {lin['acc']:.3f} | "
                          f"{lin['auc']:.3f} |")
-        for name, lin_acc, lin_auc, knn_acc, _ in PUBLISHED.get(data, []):
-            lines.append(f"| *{name}* | | | | | {knn_acc if knn_acc else ''} | | {lin_acc:.3f} | "
+        for p in published(data):  # an end-to-end supervised row sits in the linear columns
+            lin_acc, lin_auc = (p.linear_acc, p.linear_auc) if p.linear_acc is not None else (p.acc, p.auc)
+            lines.append(f"| *{p.label()}* | | | | | {p.knn_acc if p.knn_acc else ''} | | {lin_acc:.3f} | "
                          f"{lin_auc if lin_auc else ''} |")
     return "\n".join(lines)
 

@@ -32,6 +32,7 @@ from medlatent.data.medmnist import load_medmnist
 from medlatent.nets.backbones import build_encoder
 from medlatent.ssl.simclr import SimCLR
 from medlatent.train.precision import bf16_is_fast, resolve_precision
+from medlatent.train.runs import environment
 
 # SimCLR's full view recipe (colour jitter and grayscale on), which BloodMNIST's own defaults
 # switch off: the speed comparison is of the complete pipeline, whatever the data set.
@@ -232,7 +233,7 @@ def main() -> None:
         r["fraction_of_fp32_peak"] = r["achieved_gflops"] * 1e9 / peak32
         r["fraction_of_bf16_peak"] = r["achieved_gflops"] * 1e9 / peak16
     accel = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    result = dict(machine=dict(cpu=_cpu(), cores=os.cpu_count(), torch=torch.__version__, accelerator=accel,
+    result = dict(machine=dict(cpu=environment({})["cpu"], cores=os.cpu_count(), torch=torch.__version__, accelerator=accel,
                                bf16_hardware=bf16_is_fast(device),
                                matmul_peak_fp32_gflops=peak32 / 1e9, matmul_peak_bf16_gflops=peak16 / 1e9,
                                python=platform.python_version()),
@@ -256,14 +257,6 @@ def main() -> None:
     for r in steps:
         print(f"| {r['variant']} | {r['images_per_s']:,.1f} | {r['speedup_vs_fp32']:.2f}x | {r['achieved_gflops']:,.0f} | "
               f"{r['fraction_of_fp32_peak']:.2f} | {r['fraction_of_bf16_peak']:.3f} | {r['first_step_s']:.1f} s |")
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor()
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def test_knn_distance_matches_a_naive_search():
 def test_anomaly_fit_and_score_commands(capsys, tmp_path: Path):
     data = str(write_stripes_npz(tmp_path / "s.npz", n_train=128, n_val=48, n_test=48))
     run = tmp_path / "ae"
-    code, out, err = run_cli(capsys, "anomaly", "fit", "--data", data, "--normal", "0", "--detector", "ae",
+    code, out, err = run_cli(capsys, "anomaly", "fit", "--data", data, "--normal", "0", "--method", "ae",
                              "--epochs", "1", "--batch-size", "32", "--output", str(run))
     assert code == 0, err
     from medlatent.api import load_method
@@ -115,7 +115,7 @@ def test_diffusion_and_vae_reconstruction_detectors(capsys, tmp_path: Path):
                                  "method_options.attention_levels=[false,false]", "--set",
                                  "method_options.schedule.steps=20"])):
         run = tmp_path / det
-        code, _, err = run_cli(capsys, "anomaly", "fit", "--data", data, "--normal", "1", "--detector", det,
+        code, _, err = run_cli(capsys, "anomaly", "fit", "--data", data, "--normal", "1", "--method", det,
                                "--epochs", "1", "--batch-size", "16", "--output", str(run), *extra)
         assert code == 0, err
         code, out, err = run_cli(capsys, "anomaly", "score", str(run))

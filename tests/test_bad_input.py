@@ -164,7 +164,7 @@ CASES = [
     Case("probe --label-fraction 0", lambda i, o: ["probe", str(i.run), "--label-fraction", "0"],
          lambda i: "--label-fraction"),
     Case("probe --k 0", lambda i, o: ["probe", str(i.run), "--k", "0"], lambda i: "--k"),
-    Case("unknown generative model", lambda i, o: ["generate", "train", "--model", "nosuch", "--output", o],
+    Case("unknown generative model", lambda i, o: ["generate", "train", "--method", "nosuch", "--output", o],
          lambda i: "nosuch"),
     Case("bad threshold rule", lambda i, o: ["anomaly", "score", str(i.run), "--threshold", "mean+xstd"],
          lambda i: "--threshold"),

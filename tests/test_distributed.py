@@ -63,7 +63,7 @@ def _half_batches() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _state_worker(rank: int, init_file: str, out_dir: str) -> None:
     from medlatent.losses import DINOLoss
-    from medlatent.ssl.mechanics import FIFOQueue
+    from medlatent.methods.mechanics import FIFOQueue
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     keys, teacher = _half_batches()
@@ -79,7 +79,7 @@ def _state_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def test_moco_queue_and_dino_centre_do_not_depend_on_the_number_of_processes(tmp_path: Path):
     from medlatent.losses import DINOLoss
-    from medlatent.ssl.mechanics import FIFOQueue
+    from medlatent.methods.mechanics import FIFOQueue
 
     mp.start_processes(_state_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, start_method="spawn")
     keys, teacher = _half_batches()

@@ -143,7 +143,8 @@ def test_saved_runs_from_before_v_prediction_load_as_epsilon(tmp_path):
     import yaml
 
     from medlatent.config import PretrainConfig, to_dict
-    from medlatent.ssl.registry import get_method
+    from medlatent.methods.registry import get_method
+    from medlatent.methods.saved import read_config
     from medlatent.train.runs import RunDir
 
     for method in ("ddpm", "ldm"):
@@ -151,12 +152,12 @@ def test_saved_runs_from_before_v_prediction_load_as_epsilon(tmp_path):
         cfg = PretrainConfig(method=method, method_options={})
         run.write_config(cfg)
         tree = yaml.safe_load(run.config_file.read_text())
-        assert RunDir(run.path).read_config().method_options == {}  # nothing to upgrade: new defaults
+        assert read_config(RunDir(run.path)).method_options == {}  # nothing to upgrade: new defaults
         full = to_dict(get_method(method).options())
         (full if method == "ddpm" else full["diffusion"]).pop("prediction")  # as written before
         tree["method_options"] = full
         run.config_file.write_text(yaml.safe_dump(tree))
-        opts = RunDir(run.path).read_config().method_options
+        opts = read_config(RunDir(run.path)).method_options
         assert (opts if method == "ddpm" else opts["diffusion"])["prediction"] == "epsilon"
     assert DDPMConfig().prediction == "v"  # new runs predict v
 
@@ -227,8 +228,8 @@ def test_precision_recall_and_memorisation():
 def test_each_model_trains_two_steps_and_samples(name: str, dims: int):
     """Through the registry, as `medlatent generate train` builds them; conditional in 2-D."""
     from medlatent.config import from_dict
-    from medlatent.ssl.base import BuildContext
-    from medlatent.ssl.registry import get_method
+    from medlatent.methods.contract import BuildContext
+    from medlatent.methods.registry import get_method
 
     torch.manual_seed(0)
     spec = get_method(name)
@@ -294,7 +295,7 @@ def test_generate_commands_end_to_end(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("MEDLATENT_CACHE", str(tmp_path / "cache"))
     data = str(write_stripes_npz(tmp_path / "s.npz", n_train=96, n_val=32, n_test=32))
     run = tmp_path / "ddpm"
-    code, out, err = run_cli(capsys, "generate", "train", "--model", "ddpm", "--data", data, "--conditional",
+    code, out, err = run_cli(capsys, "generate", "train", "--method", "ddpm", "--data", data, "--conditional",
                              "--epochs", "1", "--batch-size", "32", "--precision", "fp32", "--output", str(run), *TINY_DDPM)
     assert code == 0 and "generate sample" in out, err
     assert not (run / "encoder.safetensors").exists()  # a generator exports no encoder
@@ -315,10 +316,10 @@ def test_generate_commands_end_to_end(capsys, tmp_path, monkeypatch):
     for name in ("generation_eval.json", "memorisation.png"):
         assert (run / name).is_file()
 
-    code, _, err = run_cli(capsys, "generate", "train", "--model", "flow", "--data", data)
+    code, _, err = run_cli(capsys, "generate", "train", "--method", "flow", "--data", data)
     assert code == 1 and "unknown generative model" in one_error_line(err)
     vae = tmp_path / "vae"
-    code, out, err = run_cli(capsys, "generate", "train", "--model", "vae", "--data", data, "--epochs", "1",
+    code, out, err = run_cli(capsys, "generate", "train", "--method", "vae", "--data", data, "--epochs", "1",
                              "--batch-size", "32", "--output", str(vae), "--set", "method_options.width=8")
     assert code == 0, err
     code, _, err = run_cli(capsys, "generate", "sample", str(vae), "--n", "4", "--class", "0")

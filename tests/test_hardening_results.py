@@ -116,7 +116,7 @@ def test_adapt_bias_on_a_resnet_run_saves_its_adapter(capsys, tmp_path):
     from medlatent.config import PretrainConfig
 
     from conftest import write_stripes_npz
-    from test_cli import run_cli
+    from conftest import run_cli
 
     cfg = PretrainConfig()
     cfg.method = "simclr"
@@ -315,7 +315,7 @@ def test_efficiency_cli_and_report_never_say_from_when_a_protocol_loses_later(ca
     from medlatent.eval.session import crossover
     from medlatent.report.html import _crossover_text
 
-    from test_cli import run_cli
+    from conftest import run_cli
 
     summary = [dict(r, acc_std=0.0, auc=0.5, auc_std=0.0) for r in _efficiency_summary() if r["split"] == "test"]
     monkeypatch.setattr(api, "label_efficiency", lambda *a, **k: dict(summary=summary, crossover=crossover(summary)))

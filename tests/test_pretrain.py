@@ -12,8 +12,8 @@ from medlatent import api
 from medlatent.config import PretrainConfig
 from medlatent.errors import TrainingDiverged
 from medlatent.nets.backbones import build_encoder
-from medlatent.ssl.base import StepOutput
-from medlatent.ssl.registry import METHODS, get_method
+from medlatent.methods.contract import StepOutput
+from medlatent.methods.registry import METHODS, get_method
 from medlatent.train import checkpoint
 
 from conftest import write_stripes_npz
@@ -43,7 +43,7 @@ def small_encoder(needs_vit: bool, size: int, spatial_dims: int) -> torch.nn.Mod
 def test_each_method_trains_two_steps(name: str, spatial_dims: int):
     from medlatent.augment.views import ViewRecipe
     from medlatent.config import ViewConfig
-    from medlatent.ssl.base import BuildContext
+    from medlatent.methods.contract import BuildContext
 
     torch.manual_seed(0)
     spec = get_method(name)

@@ -91,7 +91,7 @@ def test_restore_commands_end_to_end(capsys, tmp_path: Path):
                            "--set", "method_options.strides=[2]")
     assert code == 0, err
     ddpm = tmp_path / "ddpm"
-    code, _, err = run_cli(capsys, "generate", "train", "--model", "ddpm", "--data", data, "--epochs", "1",
+    code, _, err = run_cli(capsys, "generate", "train", "--method", "ddpm", "--data", data, "--epochs", "1",
                            "--batch-size", "16", "--output", str(ddpm), "--set", "method_options.channels=[16,32]",
                            "--set", "method_options.attention_levels=[false,false]",
                            "--set", "method_options.schedule.steps=20")
@@ -105,7 +105,7 @@ def test_restore_commands_end_to_end(capsys, tmp_path: Path):
     code, _, err = run_cli(capsys, "restore", "evaluate", str(ddpm))
     assert code == 1 and "not a restoration run" in one_error_line(err)
     paired = tmp_path / "paired"
-    code, _, err = run_cli(capsys, "restore", "train", "--task", "inpaint", "--model", "diffusion", "--data", data,
+    code, _, err = run_cli(capsys, "restore", "train", "--task", "inpaint", "--method", "diffusion", "--data", data,
                            "--epochs", "1", "--batch-size", "16", "--output", str(paired),
                            "--set", "method_options.diffusion.channels=[16,32]",
                            "--set", "method_options.diffusion.attention_levels=[false,false]",

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from medlatent.ssl.ijepa import IJEPAConfig, sample_masks
-from medlatent.ssl.mechanics import (FIFOQueue, cosine_schedule, ema_update, forward_multicrop, gather_tokens,
+from medlatent.methods.mechanics import (FIFOQueue, cosine_schedule, ema_update, forward_multicrop, gather_tokens,
                                      group_by_size, linear_warmup, make_teacher, patchify, random_masking,
                                      sincos_positions, unpatchify)
 

@@ -16,7 +16,7 @@ import contextlib
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
@@ -26,8 +26,11 @@ from medlatent.config import DataConfig, PretrainConfig, check_ranges, from_dict
 from medlatent.data.sources import load_dataset
 from medlatent.data.store import Dataset, channel_stats
 from medlatent.errors import ConfigError, DataError
+from medlatent.adapt.strategies import AdaptConfig
 from medlatent.eval.finetune import FinetuneConfig
-from medlatent.eval.session import RunEvaluation, load_encoder, load_method
+from medlatent.eval.session import RunEvaluation, crossover_words
+from medlatent.methods.registry import resolve_config
+from medlatent.methods.saved import load_encoder, load_method, read_config
 from medlatent.train import checkpoint
 from medlatent.train.loop import FitResult, Progress, fit
 from medlatent.train.precision import resolve_channels_last, resolve_device, resolve_precision
@@ -39,10 +42,30 @@ def default_output(cfg: PretrainConfig) -> Path:
     return Path("runs") / f"{name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def pretrain(config: PretrainConfig | None = None, output: str | Path | None = None, resume: bool = False,
-             on_progress: Callable[[Progress], None] | None = None,
+def make_config(tree: Mapping[str, Any] | None = None, where: str = "config") -> PretrainConfig:
+    """A run's config from a mapping (as a YAML file holds it), with the method's own training
+    defaults under the given keys: ``make_config({"method": "gan"})`` is the config that
+    ``medlatent generate train --method gan`` trains. Keys, types and ranges are checked."""
+    return resolve_config(tree, where)
+
+
+def generative_models() -> list[str]:
+    """The registered generative models (``medlatent generate train --method NAME``)."""
+    from medlatent.methods.registry import GENERATIVE
+
+    return list(GENERATIVE)
+
+
+def is_generative(method: str) -> bool:
+    """Whether ``method`` is a generative model (its runs sample images rather than export an encoder)."""
+    return method in generative_models()
+
+
+def pretrain(config: PretrainConfig | Mapping[str, Any] | None = None, output: str | Path | None = None,
+             resume: bool = False, on_progress: Callable[[Progress], None] | None = None,
              should_stop: Callable[[], bool] | None = None) -> Path:
-    """Pretrain an encoder without labels; returns the run folder (see :func:`run_pretraining`)."""
+    """Train a run of any family (self-supervised, generative, restoration, anomaly detector);
+    returns the run folder (see :func:`run_pretraining`)."""
     return run_pretraining(config, output, resume, on_progress, should_stop)[0]
 
 
@@ -51,7 +74,8 @@ def pretrain(config: PretrainConfig | None = None, output: str | Path | None = N
 RESUME_OVERRIDES = ("train.device", "train.time_budget_s")
 
 
-def run_pretraining(config: PretrainConfig | None = None, output: str | Path | None = None, resume: bool = False,
+def run_pretraining(config: PretrainConfig | Mapping[str, Any] | None = None, output: str | Path | None = None,
+                    resume: bool = False,
                     on_progress: Callable[[Progress], None] | None = None,
                     should_stop: Callable[[], bool] | None = None,
                     overrides: dict[str, Any] | None = None) -> tuple[Path, FitResult]:
@@ -63,8 +87,10 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
     before its first checkpoint removes what it wrote.
 
     Args:
-        config: the run's configuration (default: SimCLR on BloodMNIST); ignored on resume,
-            where the run folder's own config is used.
+        config: the run's configuration (default: SimCLR on BloodMNIST): a
+            :class:`PretrainConfig` is used exactly as given; a mapping gets the method's own
+            training defaults first (:func:`make_config`). Ignored on resume, where the run
+            folder's own config is used.
         output: run folder (default ``runs/<data>-<method>-<time>``).
         resume: continue the run in ``output`` from its newest intact checkpoint.
         on_progress: called after every step with a :class:`Progress`.
@@ -84,10 +110,12 @@ def run_pretraining(config: PretrainConfig | None = None, output: str | Path | N
         run.read_config()  # not a run folder: one line, and no folder or lock file is created
         run.check_not_in_use()
         with run.lock() if main else contextlib.nullcontext():
-            cfg = _with_overrides(run.read_config(), overrides or {})
+            cfg = _with_overrides(read_config(run), overrides or {})
             return run.path, _train(run, cfg, True, on_progress, should_stop)
     if overrides:
         raise ConfigError("overrides apply to a resumed run only")
+    if isinstance(config, Mapping):
+        config = make_config(config)
     cfg = dataclasses.replace(config) if config else PretrainConfig()
     check_ranges(cfg)
     if main:
@@ -160,8 +188,8 @@ def _plan(cfg: PretrainConfig) -> _Plan:
     from medlatent.augment.views import ViewRecipe, resolve
     from medlatent.data.sources import estimate_store_bytes
     from medlatent.nets.backbones import ENCODERS, VIT_ENCODERS, build_backbone
-    from medlatent.ssl.base import BuildContext
-    from medlatent.ssl.registry import get_method
+    from medlatent.methods.contract import BuildContext
+    from medlatent.methods.registry import get_method
     from medlatent.train import memory
 
     spec = get_method(cfg.method)
@@ -382,6 +410,167 @@ def compare(run_dirs: list[str | Path], out: str | Path | None = None) -> tuple[
     return compare_runs([Path(r) for r in run_dirs], Path(out) if out else None)
 
 
-__all__ = ["pretrain", "run_pretraining", "probe", "label_efficiency", "embed", "load_encoder", "load_method",
-           "attention", "reconstruct", "report", "compare", "PretrainConfig", "DataConfig", "FitResult",
-           "FinetuneConfig", "RunEvaluation"]
+# ------------------------------------------------------------------------------ data
+
+
+def list_datasets(data_dir: str | None = None) -> tuple[list[dict[str, Any]], Path]:
+    """Every MedMNIST subset (catalogue facts + whether its 28-px file is here) and the data folder."""
+    from medlatent.data.catalogue import CATALOGUE
+    from medlatent.data.download import data_root, is_present
+
+    rows = [dict(name=i.name, spatial_dims=i.spatial_dims, task=i.task, n_classes=i.n_classes, channels=i.channels,
+                 splits=dict(i.splits), licence=i.licence, present=is_present(i, 28, data_dir))
+            for i in CATALOGUE.values()]
+    return rows, data_root(data_dir)
+
+
+def download(names: list[str], size: int = 28, data_dir: str | None = None) -> list[Path]:
+    """Official MedMNIST files, md5-verified (a file already here is verified, not fetched)."""
+    from medlatent.data.catalogue import get_info
+    from medlatent.data.download import fetch
+
+    return [fetch(get_info(name), size, data_dir) for name in names]
+
+
+# ------------------------------------------------------------------------- evaluation extras
+
+
+def embedding_map(run_dir: str | Path, split: str = "test", max_points: int = 2000, out: str | Path | None = None,
+                  data_dir: str | None = None) -> Path:
+    """A 2-D map of a split's embeddings (UMAP if installed, else t-SNE), coloured by label (PNG)."""
+    return RunEvaluation(run_dir, None, data_dir, need_labels=False).embedding_map(split, max_points, out=out)
+
+
+def retrieval(run_dir: str | Path, k: int = 8, queries: int = 6, data_dir: str | None = None) -> dict[str, Any]:
+    """Nearest training images of test queries (a figure) and precision@1/5/10."""
+    return RunEvaluation(run_dir, None, data_dir).retrieval(k=k, n_queries=queries)
+
+
+# ------------------------------------------------------------------------------ generative
+
+
+def sample(run_dir: str | Path, n: int = 1000, class_index: int | None = None, guidance: float = 1.0,
+           steps: int = 50, seed: int = 0, out: str | Path | None = None, device: str = "auto") -> dict[str, Any]:
+    """Samples of a generative run as an .npz in MedMNIST layout (usable as data) and a PNG grid."""
+    from medlatent.generative.evaluate import sample_run
+
+    return sample_run(run_dir, n, class_index, guidance, steps, seed, out, device)
+
+
+def evaluate_samples(run_dir: str | Path, n: int = 1000, guidance: float = 1.0, steps: int = 50,
+                     classifier_epochs: int = 15, classifier_min_steps: int = 300, data_dir: str | None = None,
+                     device: str = "auto") -> dict[str, Any]:
+    """Frechet distance, precision/recall, TSTR vs TRTR and memorisation of a generative run."""
+    from medlatent.generative.evaluate import evaluate_run
+
+    return evaluate_run(run_dir, n, guidance, steps, 0, classifier_epochs, data_dir, device, classifier_min_steps)
+
+
+def synthetic_augmentation(run_dir: str | Path, fractions: tuple[float, ...] = (0.01, 0.1), n_synthetic: int = 2000,
+                           seeds: tuple[int, ...] = (0, 1, 2), guidance: float = 1.0, classifier_epochs: int = 15,
+                           classifier_min_steps: int = 300, data_dir: str | None = None,
+                           device: str = "auto") -> dict[str, Any]:
+    """A classifier on a label fraction alone vs with the run's class-conditional samples added."""
+    from medlatent.generative.evaluate import augment_experiment
+
+    return augment_experiment(run_dir, fractions, n_synthetic, seeds, guidance, 50, classifier_epochs, data_dir,
+                              device, classifier_min_steps)
+
+
+# --------------------------------------------------------------------------------- anomaly
+
+
+def detector_method(name: str) -> str:
+    """The method a detector name trains (``ae`` -> ``autoencoder``; see ``anomaly.detectors.DETECTORS``)."""
+    from medlatent.anomaly.detectors import DETECTORS
+
+    if name not in DETECTORS:
+        raise ConfigError(f"--method: unknown detector '{name}' (known: {', '.join(DETECTORS)})")
+    return DETECTORS[name]
+
+
+def parse_classes(text: str) -> list[int]:
+    """``"0,1"`` -> [0, 1] (class indices on the command line)."""
+    from medlatent.anomaly.detectors import parse_classes as parse
+
+    return parse(text)
+
+
+def score_anomalies(run_dir: str | Path, score: str = "l2", threshold: str = "mean+3std", detector: str = "auto",
+                    data: str | None = None, normal: list[int] | None = None, split: str = "test",
+                    out: str | Path | None = None, data_dir: str | None = None,
+                    device: str = "auto") -> dict[str, Any]:
+    """Per-image anomaly scores (CSV) and heatmaps of a detector run; AUROC, AUPRC, and
+    sensitivity/specificity at the threshold from normal val images."""
+    from medlatent.anomaly.detectors import AnomalyConfig, score_run
+
+    return score_run(run_dir, AnomalyConfig(score=score, threshold=threshold), detector, data, normal, split, out,
+                     data_dir, resolve_device(device))
+
+
+# ----------------------------------------------------------------------------- restoration
+
+
+def evaluate_restoration(run_dir: str | Path, diffusion_run: str | None = None, autoencoder_run: str | None = None,
+                         n: int = 500, steps: int = 20, data_dir: str | None = None,
+                         device: str = "auto") -> dict[str, Any]:
+    """PSNR and SSIM per degradation level: degraded input, the run's restorer (+ data
+    consistency), classical filters, and optionally diffusion and an autoencoder."""
+    from medlatent.restore.evaluate import evaluate_run
+
+    return evaluate_run(str(run_dir), diffusion_run, n, steps, data_dir, device, autoencoder_run)
+
+
+def rate_distortion(runs: list[str], n: int = 500, out: str = "rate_distortion.png",
+                    data_dir: str | None = None) -> dict[str, Any]:
+    """Autoencoder runs against JPEG at the same bytes: PSNR/SSIM against bytes per image."""
+    from medlatent.restore.compression import rate_distortion as curve
+
+    return curve(runs, n, out, data_dir)
+
+
+# ------------------------------------------------------------------------------ adaptation
+
+
+def adapt(source: str | Path, strategy: Any = None, data: str | None = None, label_fraction: float = 1.0,
+          seed: int = 0, finetune: FinetuneConfig | None = None, heads: int | None = None,
+          out: str | Path | None = None, data_dir: str | None = None, device: str = "auto") -> dict[str, Any]:
+    """Adapt a pretrained encoder (a run, or ViT weights in timm/DINO/MAE layout) to a labelled
+    task with few trainable parameters; writes the adapter (.safetensors + .json).
+
+    Args:
+        strategy: an :class:`medlatent.adapt.strategies.AdaptConfig` (default LoRA).
+        finetune: training of the adapter and head (default: feature-normalised head).
+    """
+    from medlatent.adapt.run import WEIGHT_SUFFIXES, adapt_and_evaluate, load_base
+    from medlatent.adapt.strategies import adapt as apply_strategy
+
+    cfg = strategy or AdaptConfig()
+    ft = finetune or FinetuneConfig(feature_norm=True)
+    base = load_base(source, data, data_dir, heads, device)
+    apply_strategy(base.encoder, cfg)  # fails fast on a strategy the encoder cannot take
+    if out is None:
+        root = Path(source).with_suffix("") if Path(source).suffix in WEIGHT_SUFFIXES else Path(source)
+        out = root / "adapters" / f"{cfg.strategy}-{base.data.name}-{label_fraction:g}"
+    result = adapt_and_evaluate(base, cfg, label_fraction, seed, ft, str(out), device)
+    return dict(result, weights_notes=base.notes)
+
+
+def mil(source: str | Path, data: str | None = None, positive_class: int = 0, bag_size: int = 16, bags: int = 400,
+        prompts: int = 0, steps: int = 300, out: str | Path | None = None, data_dir: str | None = None,
+        device: str = "auto") -> dict[str, Any]:
+    """Multiple-instance learning on bags built from labelled images: attention MIL (Ilse et al.
+    2018) on frozen embeddings, or Prompt-MIL; bag AUC and attention on the positive images."""
+    from medlatent.adapt.run import load_base, run_mil
+
+    base = load_base(source, data, data_dir, None, device)
+    default = (Path(source).with_suffix("") if Path(source).is_file() else Path(source)) / "mil.png"
+    return run_mil(base, positive_class, bag_size, bags, prompts, steps, Path(out) if out else default)
+
+
+__all__ = ["make_config", "pretrain", "run_pretraining", "probe", "label_efficiency", "embed", "load_encoder",
+           "load_method", "attention", "reconstruct", "report", "compare", "embedding_map", "retrieval", "sample",
+           "evaluate_samples", "synthetic_augmentation", "score_anomalies", "evaluate_restoration",
+           "rate_distortion", "adapt", "mil", "list_datasets", "download", "PretrainConfig", "DataConfig",
+           "FitResult", "FinetuneConfig", "AdaptConfig", "RunEvaluation", "crossover_words", "detector_method",
+           "parse_classes", "is_generative", "generative_models"]

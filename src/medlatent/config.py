@@ -360,7 +360,7 @@ class PretrainConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    # A method name from medlatent.ssl.registry (simclr, ...).
+    # A method name from medlatent.methods.registry (simclr, ...).
     method: str = "simclr"
     # Keyword arguments of the method's own config dataclass; unknown keys are rejected.
     method_options: dict[str, Any] = field(default_factory=dict)

@@ -27,6 +27,43 @@ from medlatent.data.store import Dataset, to_float
 from medlatent.errors import ConfigError, DataError
 
 RECONSTRUCTION = ("autoencoder", "denoising-autoencoder", "vae", "ddpm")
+# ``medlatent anomaly fit --method``: detector name -> the method whose run it trains.
+DETECTORS = {"ae": "autoencoder", "dae": "denoising-autoencoder", "vae": "vae", "ddpm": "ddpm"}
+
+
+def parse_classes(text: str, flag: str = "--normal") -> list[int]:
+    """``"0"`` or ``"0,1"`` -> [0] or [0, 1]."""
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} {text}: expected class indices such as 0 or 0,1") from None
+
+
+def score_run(run_dir: str | Path, cfg: AnomalyConfig, detector: str = "auto", data: str | None = None,
+              normal: list[int] | None = None, split: str = "test", out: str | Path | None = None,
+              data_dir: str | None = None, device: torch.device | None = None) -> dict[str, Any]:
+    """Score ``split`` of the run's data (or ``data``) with the run's detector and write the
+    per-image CSV and heatmaps into ``out`` (default ``<run>/anomaly-<data>``).
+
+    ``normal``: the normal classes (default: those the run was fitted on).
+    """
+    from medlatent.anomaly.thresholds import parse_rule
+    from medlatent.data.sources import load_dataset
+    from medlatent.train.runs import RunDir
+
+    try:
+        parse_rule(cfg.threshold)
+    except ValueError as e:
+        raise ConfigError(f"--threshold: {e}") from None
+    run_cfg = RunDir(Path(run_dir)).read_config()
+    classes = normal or run_cfg.data.classes
+    if not classes:
+        raise ConfigError(f"{run_dir}: was not fitted on chosen normal classes; give --normal")
+    dataset = load_dataset(dataclasses.replace(run_cfg.data, name=data or run_cfg.data.name,
+                                               data_dir=data_dir if data_dir is not None else run_cfg.data.data_dir))
+    result = evaluate_detector(run_dir, dataset, classes, cfg, detector, split, device)
+    return write_outputs(result, dataset.split(split).images,
+                         Path(out) if out else Path(run_dir) / f"anomaly-{dataset.name}")
 
 
 @dataclasses.dataclass
@@ -49,7 +86,7 @@ Reconstruct = Callable[[torch.Tensor], torch.Tensor]  # (B, C, *S) in [0, 1] -> 
 
 def reconstructor(run_dir: Path, cfg: AnomalyConfig, device: torch.device) -> tuple[Reconstruct, str]:
     """A function from images in [0, 1] to their reconstruction in [0, 1], and its name."""
-    from medlatent.eval.session import load_method
+    from medlatent.methods.saved import load_method
     from medlatent.generative.samplers import sample
     from medlatent.train.runs import RunDir
 
@@ -105,7 +142,7 @@ def evaluate_detector(run_dir: str | Path, data: Dataset, normal: list[int], cfg
                       ) -> dict[str, Any]:
     """Scores of ``split`` (anomaly = not a normal class), threshold from normal val images."""
     from medlatent.eval.features import extract_features
-    from medlatent.eval.session import load_encoder
+    from medlatent.methods.saved import load_encoder
 
     device = device or torch.device("cpu")
     run_dir = Path(run_dir)

@@ -169,3 +169,10 @@ def get_info(name: str) -> MedMNISTInfo:
     if key not in CATALOGUE:
         raise DataError(f"unknown MedMNIST subset '{name}' (known: {', '.join(CATALOGUE)})")
     return CATALOGUE[key]
+
+
+def split_size(name: str, split: str = "train") -> int | None:
+    """Images in one split (``train``, ``val``, ``test``) of a catalogued subset; None for a name
+    the catalogue does not hold (an ``.npz`` file or an image folder)."""
+    info = CATALOGUE.get(name.lower())
+    return info.splits[split] if info else None

@@ -9,7 +9,7 @@ import torch.nn as nn
 from medlatent.augment.views import geometric_only
 from medlatent.config import ViewConfig
 from medlatent.errors import ConfigError
-from medlatent.ssl.base import BuildContext
+from medlatent.methods.contract import BuildContext
 
 
 def conv(spatial_dims: int) -> type[nn.Module]:

@@ -25,8 +25,8 @@ from medlatent.errors import ConfigError
 from medlatent.generative.common import condition_classes, whole_image_views
 from medlatent.generative.samplers import sample
 from medlatent.generative.schedule import NoiseSchedule, ScheduleConfig
-from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
-from medlatent.ssl.mechanics import ema_update, make_teacher
+from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
+from medlatent.methods.mechanics import ema_update, make_teacher
 
 
 @dataclass
@@ -158,6 +158,13 @@ def _build(encoder: nn.Module, o: DDPMConfig, context: BuildContext) -> DDPM:
     return DDPM(context.spatial_dims, context.channels, condition_classes(o.conditional, context, "DDPM"), o)
 
 
+# Training defaults of the diffusion models (DDPM, latent diffusion, Palette restoration): no
+# weight decay, a learning rate of 4e-4 for batch 256 with one warm-up epoch, gradient norm
+# clipped at 1 (Ho et al. 2020 clip at 1), batch 128.
+DIFFUSION_TRAINING = {"optim": {"lr": 4e-4, "weight_decay": 0.0, "warmup_epochs": 1.0, "clip_grad_norm": 1.0},
+                      "train": {"batch_size": 128}}
+
 SPEC = MethodSpec("ddpm", DDPMConfig, _build, whole_image_views,
                   "DDPM (Ho et al. 2020): v- or noise prediction, DDPM/DDIM sampling, classifier-free guidance",
-                  uses_labels=True, pixel_range="symmetric", exports_encoder=False, upgrade_saved=saved_with_epsilon)
+                  uses_labels=True, pixel_range="symmetric", exports_encoder=False, upgrade_saved=saved_with_epsilon,
+                  defaults=DIFFUSION_TRAINING)

@@ -172,8 +172,8 @@ def judge(samples: ImageSet, data: Dataset, device: torch.device, classifier_epo
 
 def load_generator(run_dir: str | Path, device: str = "auto") -> tuple[nn.Module, dict[str, Any], int, Any]:
     """(model in eval mode, data.json, step, run config) of a generative run."""
-    from medlatent.eval.session import load_method
-    from medlatent.ssl.registry import GENERATIVE
+    from medlatent.methods.saved import load_method
+    from medlatent.methods.registry import GENERATIVE
     from medlatent.train.precision import resolve_device
     from medlatent.train.runs import RunDir
 

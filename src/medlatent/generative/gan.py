@@ -25,8 +25,8 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from medlatent.errors import ConfigError
 from medlatent.generative.common import condition_classes, whole_image_views
-from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
-from medlatent.ssl.mechanics import ema_update, make_teacher
+from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
+from medlatent.methods.mechanics import ema_update, make_teacher
 
 
 @dataclass
@@ -136,4 +136,8 @@ def _build(encoder: nn.Module, o: GANConfig, context: BuildContext) -> GAN:
 
 SPEC = MethodSpec("gan", GANConfig, _build, whole_image_views,
                   "GAN (DCGAN, hinge loss, spectral norm, projection discriminator, EMA generator)",
-                  uses_labels=True, pixel_range="symmetric", exports_encoder=False)
+                  uses_labels=True, pixel_range="symmetric", exports_encoder=False,
+                  # Adam beta1 = 0.5 (Radford et al. 2016), constant learning rate, no clipping
+                  defaults={"optim": {"lr": 4e-4, "weight_decay": 0.0, "warmup_epochs": 0.0, "clip_grad_norm": None,
+                                      "betas": [0.5, 0.999], "final_lr_fraction": 1.0},
+                            "train": {"batch_size": 128}})

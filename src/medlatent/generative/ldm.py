@@ -20,8 +20,8 @@ from monai.networks.nets import AutoencoderKL
 
 from medlatent.errors import ConfigError
 from medlatent.generative.common import condition_classes, whole_image_views
-from medlatent.generative.ddpm import DDPM, DDPMConfig, saved_with_epsilon
-from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
+from medlatent.generative.ddpm import DDPM, DIFFUSION_TRAINING, DDPMConfig, saved_with_epsilon
+from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
 
 
 @dataclass
@@ -103,4 +103,5 @@ def _build(encoder: nn.Module, o: LDMConfig, context: BuildContext) -> LDM:
 
 SPEC = MethodSpec("ldm", LDMConfig, _build, whole_image_views,
                   "latent diffusion (Rombach et al. 2022): MONAI AutoencoderKL + DDPM on its latents",
-                  uses_labels=True, pixel_range="symmetric", exports_encoder=False, upgrade_saved=saved_with_epsilon)
+                  uses_labels=True, pixel_range="symmetric", exports_encoder=False, upgrade_saved=saved_with_epsilon,
+                  defaults=DIFFUSION_TRAINING)

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from medlatent.errors import ConfigError
 from medlatent.generative.common import condition_classes, conv, conv_transpose, one_hot, whole_image_views
-from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
+from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
 
 
 @dataclass
@@ -108,4 +108,6 @@ def _build(encoder: nn.Module, o: VAEConfig, context: BuildContext) -> VAE:
 
 SPEC = MethodSpec("vae", VAEConfig, _build, whole_image_views,
                   "VAE (Kingma & Welling 2014): ELBO with beta, prior samples, interpolation; conditional option",
-                  uses_labels=True, pixel_range="symmetric", exports_encoder=False)
+                  uses_labels=True, pixel_range="symmetric", exports_encoder=False,
+                  defaults={"optim": {"lr": 2e-3, "weight_decay": 0.0, "warmup_epochs": 1.0, "clip_grad_norm": 100.0},
+                            "train": {"batch_size": 128}})

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from medlatent.config import to_dict
-from medlatent.eval.published import PUBLISHED
+from medlatent.eval.published import protocol_rows
 from medlatent.eval.session import RunEvaluation
 from medlatent.report.figures import efficiency_figure, training_curves_figure
 from medlatent.train.runs import RunDir
@@ -114,11 +114,11 @@ def write_report(ev: RunEvaluation, out: Path | None = None) -> Path:
     for name, title in (("attention.png", "Attention maps"), ("reconstruction.png", "Reconstructions")):
         if (run.path / name).is_file():
             parts += [f"<h2>{title}</h2>", _img(run.path / name, title)]
-    published = PUBLISHED.get(ev.data.name, [])
+    published = protocol_rows(ev.data.name)
     if published:
         parts += ["<h2>Published results (test split, 28 px)</h2>",
                   _table(["source", "protocol", "ACC", "AUC"],
-                         [[p["source"], p["protocol"], p["acc"], p["auc"]] for p in published])]
+                         [list(p) for p in published])]
     parts += ["<h2>Configuration</h2>", f"<pre>{html.escape(yaml.safe_dump(to_dict(cfg), sort_keys=False))}</pre>",
               "<h2>Environment</h2>", f"<pre>{html.escape(json.dumps(env, indent=1))}</pre>"]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>medlatent: {html.escape(run.path.name)}"

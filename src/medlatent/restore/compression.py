@@ -14,6 +14,8 @@ import io
 import numpy as np
 import torch
 
+from medlatent.restore.metrics import psnr_ssim
+
 
 def quantise(z: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, int]:
     """(B, d) codes -> (dequantised codes, bytes per image) with per-image min/max scaling."""
@@ -48,8 +50,6 @@ def jpeg_roundtrip(image: np.ndarray, quality: int) -> tuple[np.ndarray, int, in
 def jpeg_curve(images: torch.Tensor, qualities: tuple[int, ...] = (1, 5, 10, 20, 30, 50, 70, 90)
                ) -> list[dict[str, float]]:
     """Mean scan bytes, file bytes, PSNR and SSIM of JPEG at each quality; images (N, C, H, W) in [0, 1]."""
-    from medlatent.restore.evaluate import psnr_ssim
-
     rows = []
     for q in qualities:
         decoded, scan, file = [], [], []
@@ -74,7 +74,7 @@ def load_autoencoder(run_dir: str, device: str | torch.device = "cpu") -> tuple[
     from pathlib import Path
 
     from medlatent.errors import ConfigError
-    from medlatent.eval.session import load_method
+    from medlatent.methods.saved import load_method
     from medlatent.train.runs import RunDir
 
     method = RunDir(Path(run_dir)).read_config().method
@@ -87,8 +87,6 @@ def load_autoencoder(run_dir: str, device: str | torch.device = "cpu") -> tuple[
 def autoencoder_point(method: torch.nn.Module, images: torch.Tensor, mean: list[float], std: list[float]
                       ) -> dict[str, float]:
     """Bytes per image and PSNR/SSIM of an autoencoder run with 8-bit quantised codes."""
-    from medlatent.restore.evaluate import psnr_ssim
-
     shape = (1, -1, *([1] * (images.dim() - 2)))
     m, s = torch.tensor(mean).view(shape), torch.tensor(std).view(shape)
     z = method.bottleneck(method.encoder((images - m) / s))  # (N, d)
@@ -96,3 +94,33 @@ def autoencoder_point(method: torch.nn.Module, images: torch.Tensor, mean: list[
     recon = (method.decoder(zq) * s + m).clamp(0, 1)
     return dict(codec=f"autoencoder (latent {z.shape[1]})", latent_dim=z.shape[1], bytes=float(nbytes),
                 **psnr_ssim(recon, images))
+
+
+def rate_distortion(runs: list[str], n: int = 500, out: str = "rate_distortion.png",
+                    data_dir: str | None = None) -> dict:
+    """Autoencoder runs (any latent sizes) against JPEG at the same bytes on the first ``n`` test
+    images of the first run's data: rows {codec, bytes, psnr, ssim}, a plot at ``out`` and the
+    rows beside it as JSON."""
+    import dataclasses
+    from pathlib import Path
+
+    from medlatent.data.sources import load_dataset
+    from medlatent.data.store import to_float
+    from medlatent.report.figures import rate_distortion_figure
+    from medlatent.train.checkpoint import write_json_atomic
+    from medlatent.train.runs import RunDir
+
+    rows, data, images = [], None, None
+    for run in runs:
+        method, meta = load_autoencoder(run, "cpu")
+        if data is None:
+            cfg = RunDir(Path(run)).read_config()
+            data = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir or cfg.data.data_dir))
+            images = to_float(data.split("test").images[:n])
+        rows.append(dict(autoencoder_point(method, images, meta["mean"], meta["std"]), run=run))
+    rows += jpeg_curve(images)
+    rows.sort(key=lambda r: (r["codec"] == "JPEG", r["bytes"]))
+    figure = rate_distortion_figure(rows, f"{data.name} test ({len(images)} images): rate-distortion", Path(out))
+    table = Path(out).with_suffix(".json")
+    write_json_atomic(table, rows)
+    return dict(rows=rows, figure=figure, table=table)

@@ -20,19 +20,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from monai.metrics import PSNRMetric, SSIMMetric
 
 from medlatent.generative.samplers import sample
+from medlatent.restore.compression import load_autoencoder
 from medlatent.restore.degrade import kspace_consistency, pixel_consistency
+from medlatent.restore.metrics import psnr_ssim
 from medlatent.restore.tasks import make_consistent
-
-
-def psnr_ssim(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Mean PSNR (dB) and SSIM (7-px Gaussian window, as scikit-image) over images in [0, 1]."""
-    pred = pred.clamp(0, 1).float()
-    d = pred.dim() - 2
-    return dict(psnr=float(PSNRMetric(max_val=1.0)(pred, target).mean()),
-                ssim=float(SSIMMetric(spatial_dims=d, data_range=1.0, win_size=7)(pred, target).mean()))
 
 
 def classical(y: torch.Tensor, sigma: float) -> dict[str, torch.Tensor]:
@@ -169,7 +162,7 @@ def evaluate_run(run_dir: str, diffusion_run: str | None = None, n: int = 500, d
     from medlatent.data.sources import load_dataset
     from medlatent.data.store import to_float
     from medlatent.eval.maps import display_images
-    from medlatent.eval.session import load_method
+    from medlatent.methods.saved import load_method
     from medlatent.report.figures import sample_grid_figure
     from medlatent.train.precision import resolve_device
     from medlatent.train.runs import RunDir
@@ -184,8 +177,6 @@ def evaluate_run(run_dir: str, diffusion_run: str | None = None, n: int = 500, d
     ddpm = load_method(diffusion_run, dev)[0] if diffusion_run else None
     ae = None
     if autoencoder_run:
-        from medlatent.restore.compression import load_autoencoder
-
         ae_method, ae_meta = load_autoencoder(autoencoder_run, dev)
         ae = functools.partial(autoencoder_denoise, ae_method, ae_meta["mean"], ae_meta["std"])
     data = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir if data_dir is not None else cfg.data.data_dir))

@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 
 from medlatent.generative.common import whole_image_views
-from medlatent.generative.ddpm import DDPM, DDPMConfig, saved_with_epsilon
+from medlatent.generative.ddpm import DDPM, DIFFUSION_TRAINING, DDPMConfig, saved_with_epsilon
 from medlatent.generative.samplers import sample
 from medlatent.restore.tasks import RestoreConfig, degrade, make_consistent
-from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
-from medlatent.ssl.mechanics import ema_update
+from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
+from medlatent.methods.mechanics import ema_update
 
 
 @dataclass
@@ -82,4 +82,5 @@ def _build(encoder: nn.Module, o: PairedDiffusionConfig, context: BuildContext) 
 
 SPEC = MethodSpec("restore-diffusion", PairedDiffusionConfig, _build, whole_image_views,
                   "conditional diffusion on (degraded, clean) pairs (Palette)", pixel_range="unit",
-                  exports_encoder=False, upgrade_saved=saved_with_epsilon)
+                  exports_encoder=False, upgrade_saved=saved_with_epsilon,
+                  defaults={"optim": DIFFUSION_TRAINING["optim"], "train": {"batch_size": 128, "epochs": 20}})

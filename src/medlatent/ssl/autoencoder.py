@@ -18,7 +18,7 @@ from monai.networks.blocks import Convolution
 
 from medlatent.augment.views import geometric_only
 from medlatent.config import ViewConfig
-from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
+from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
 
 
 @dataclass

@@ -17,8 +17,8 @@ import torch.nn as nn
 from medlatent.config import ViewConfig, bounded
 from medlatent.losses import BYOLLoss
 from medlatent.nets.heads import byol_projection_head
-from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
-from medlatent.ssl.mechanics import cosine_schedule, ema_update, make_teacher
+from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
+from medlatent.methods.mechanics import cosine_schedule, ema_update, make_teacher
 
 
 @dataclass

@@ -19,8 +19,8 @@ import torch.nn as nn
 from medlatent.config import ViewConfig, bounded
 from medlatent.losses import DINOLoss
 from medlatent.nets.heads import DINOHead
-from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
-from medlatent.ssl.mechanics import cosine_schedule, ema_update, forward_multicrop, linear_warmup, make_teacher
+from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
+from medlatent.methods.mechanics import cosine_schedule, ema_update, forward_multicrop, linear_warmup, make_teacher
 
 
 @dataclass

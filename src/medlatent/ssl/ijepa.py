@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from medlatent.augment.views import geometric_only
 from medlatent.config import ViewConfig, bounded
 from medlatent.nets.backbones import ViTEncoder, transformer_block
-from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
-from medlatent.ssl.mechanics import cosine_schedule, ema_update, gather_tokens, make_teacher, sincos_positions
+from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
+from medlatent.methods.mechanics import cosine_schedule, ema_update, gather_tokens, make_teacher, sincos_positions
 
 
 @dataclass

@@ -17,8 +17,8 @@ from medlatent.augment.views import geometric_only
 from medlatent.config import ViewConfig, bounded
 from medlatent.losses import MaskedPatchLoss
 from medlatent.nets.backbones import ViTEncoder, transformer_block
-from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
-from medlatent.ssl.mechanics import gather_tokens, patchify, random_masking, sincos_positions, unpatchify
+from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
+from medlatent.methods.mechanics import gather_tokens, patchify, random_masking, sincos_positions, unpatchify
 
 
 @dataclass

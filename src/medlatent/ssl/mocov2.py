@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from medlatent.config import ViewConfig, bounded
 from medlatent.losses import InfoNCELoss, TripletLoss
 from medlatent.nets.heads import mocov2_head
-from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
-from medlatent.ssl.mechanics import FIFOQueue, ema_update, make_teacher
+from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
+from medlatent.methods.mechanics import FIFOQueue, ema_update, make_teacher
 
 
 @dataclass

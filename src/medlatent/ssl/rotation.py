@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medlatent.config import ViewConfig
-from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
+from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch.nn as nn
 from medlatent.config import ViewConfig, bounded
 from medlatent.losses import NTXentLoss, TripletLoss
 from medlatent.nets.heads import simclr_head
-from medlatent.ssl.base import BuildContext, MethodSpec, StepOutput
+from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
 
 
 @dataclass

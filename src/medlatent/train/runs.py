@@ -66,12 +66,8 @@ class RunDir:
     def read_config(self) -> PretrainConfig:
         if not self.exists():
             raise CheckpointError(f"{self.path}: not a run folder (no config.yaml)")
-        from medlatent.ssl.registry import upgrade_saved_options
-
-        tree = load_yaml(self.config_file)
-        if isinstance(tree, dict) and "method_options" in tree:  # options added since the run was written
-            tree["method_options"] = upgrade_saved_options(tree.get("method"), tree["method_options"])
-        return from_dict(PretrainConfig, tree, str(self.config_file))
+        # as written; medlatent.methods.saved.read_config fills in options added since
+        return from_dict(PretrainConfig, load_yaml(self.config_file), str(self.config_file))
 
     def write_json(self, name: str, data: Any) -> None:
         checkpoint.write_json_atomic(self.path / name, data)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib
+from typing import Any, Mapping
 
+from medlatent.config import PretrainConfig, from_dict
 from medlatent.errors import ConfigError
-from medlatent.ssl.base import MethodSpec
+from medlatent.methods.contract import MethodSpec
 
 # name -> module defining SPEC; imported on demand so listing methods stays cheap.
 METHODS: dict[str, str] = {
@@ -20,7 +22,7 @@ METHODS: dict[str, str] = {
     "autoencoder": "medlatent.ssl.autoencoder",
     "denoising-autoencoder": "medlatent.ssl.autoencoder:DENOISING_SPEC",
 }
-# Generative models train through the same loop (``medlatent generate train --model NAME``).
+# Generative models train through the same loop (``medlatent generate train --method NAME``).
 GENERATIVE: dict[str, str] = {
     "vae": "medlatent.generative.vae",
     "gan": "medlatent.generative.gan",
@@ -52,3 +54,33 @@ def upgrade_saved_options(method: object, options: object) -> object:
         return options
     spec = get_method(method) if method in _known() else None
     return spec.upgrade_saved(options) if spec is not None and spec.upgrade_saved else options
+
+
+def resolve_config(tree: Mapping[str, Any] | None = None, where: str = "config") -> PretrainConfig:
+    """A run's config from a mapping (a YAML file, flags, ``--set``): the method's own training
+    defaults (``MethodSpec.defaults``) first, the given keys over them, then every key, type
+    and range checked. The CLI and the API both build runs through this.
+
+    Raises:
+        ConfigError: an unknown method, key or type, or a value out of range (named).
+    """
+    tree = dict(tree or {})
+    method = tree.get("method", PretrainConfig.method)
+    spec = get_method(method) if isinstance(method, str) else None
+    return from_dict(PretrainConfig, _merge(spec.defaults if spec else {}, tree), where)
+
+
+def default_config(method: str) -> PretrainConfig:
+    """``method``'s config with its own training defaults (what ``medlatent ... --method`` uses)."""
+    return resolve_config({"method": method})
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, merging nested sections."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

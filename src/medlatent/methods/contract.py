@@ -8,7 +8,7 @@ optimiser step (EMA teachers, queues, centres). Nothing else is inherited.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 import torch.nn as nn
@@ -70,6 +70,10 @@ class MethodSpec:
         exports_encoder: the run's result is an encoder (written as encoder.safetensors).
         upgrade_saved: method options of a saved run -> the same meaning under today's
             defaults (an option added later gets the value old runs used).
+        defaults: the method's own training defaults, as config sections
+            (``{"optim": {"lr": 4e-4}, "train": {"batch_size": 128}}``): applied under whatever
+            the user gives, by :func:`medlatent.methods.registry.resolve_config`, so the API and
+            every CLI command build the same run.
     """
 
     name: str
@@ -82,3 +86,4 @@ class MethodSpec:
     pixel_range: str = "standardised"
     exports_encoder: bool = True
     upgrade_saved: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)

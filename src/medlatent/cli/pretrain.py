@@ -1,0 +1,25 @@
+"""``medlatent pretrain``: learn an encoder from unlabelled images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from medlatent.cli.common import train, training_command
+
+
+@click.command()
+@click.option("--method", default=None, help="simclr, mocov2, mocov3, byol, dino, mae, ijepa, rotation, "
+              "autoencoder, denoising-autoencoder. [default: simclr]")
+@click.option("--backbone", default=None,
+              help="resnet18, resnet18-half, resnet18-quarter, vit-tiny, vit-small. [default: resnet18-quarter]")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd", "lars"]), default=None)
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the encoder.")
+@training_command
+def pretrain(method: str | None, backbone: str | None, optimizer: str | None, compile_: bool | None,
+             **kwargs: Any) -> None:
+    """Learn an encoder from unlabelled images (labels are never read)."""
+    own = {"method": method, "backbone.name": backbone, "optim.name": optimizer, "train.compile": compile_}
+    train(kwargs, own, {"--method": method, "--backbone": backbone, "--optimizer": optimizer,
+                        "--compile/--no-compile": compile_})
