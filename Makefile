@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine (README):
 #   make demo   - SimCLR on BloodMNIST (downloaded, or found in $MEDLATENT_DATA), then its probes
-#   make test   - the test suite
+#   make test   - the import-layer contracts (lint-imports), then the test suite
 # torch is pinned to the CPU wheel here; on a GPU machine install the CUDA build first and
 # `make VENV=... test` reuses it.
 PYTHON ?= python3
@@ -37,6 +37,7 @@ demo: setup
 	$(BIN)/medlatent report $(DEMO_RUN)
 
 test: setup browser
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 clean:

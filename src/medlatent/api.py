@@ -33,7 +33,7 @@ from medlatent.methods.registry import resolve_config
 from medlatent.methods.saved import load_encoder, load_method, read_config
 from medlatent.train import checkpoint
 from medlatent.train.loop import FitResult, Progress, fit
-from medlatent.train.precision import resolve_channels_last, resolve_device, resolve_precision
+from medlatent.train.precision import resolve_channels_last, resolve_device, resolve_precision, trunk
 from medlatent.train.runs import RunDir, environment
 
 
@@ -239,6 +239,8 @@ def _plan(cfg: PretrainConfig) -> _Plan:
     else:
         mean, std = channel_stats(images)
     recipe = ViewRecipe(spec.views(resolve(cfg.views, data.name), cfg.data.size, options), mean, std)
+    if cfg.train.map_every and not hasattr(method, "encoder"):
+        raise ConfigError(f"train.map_every: {cfg.method} has no encoder whose embeddings could be mapped")
     per_rank = cfg.train.batch_size // dist.world_size()
     need = memory.step_bytes(method, encoder, data.channels, [size for _, size in recipe.views],
                              data.spatial_dims, per_rank)
@@ -254,7 +256,7 @@ def _train(run: RunDir, cfg: PretrainConfig, resume: bool, on_progress: Callable
     plan = plan or _plan(cfg)
     data, method, device = plan.data, plan.method, plan.device
     autocast = resolve_precision(cfg.train.precision, device)
-    channels_last = resolve_channels_last(cfg.train.channels_last, method.encoder)
+    channels_last = resolve_channels_last(cfg.train.channels_last, trunk(method))
     if dist.is_main():
         run.write_config(cfg)
         run.write_json("data.json", dict(
@@ -282,13 +284,18 @@ def _map_during_training(encoder: nn.Module, data: Dataset, cfg: PretrainConfig,
                          std: list[float], device: torch.device, run: RunDir) -> Callable[[int, int], None]:
     """Embedding maps of the val split (or the training split when there is none) every
     ``train.map_every`` epochs, into ``<run>/maps/``."""
-    from medlatent.eval.maps import map_callback
+    from medlatent.eval.maps import MapPoints, map_callback
+    from medlatent.report.figures import draw_embedding_map
 
     split = "val" if "val" in data.splits and cfg.data.split != "val" else cfg.data.split
     images = data.split(split)
-    draw = map_callback(images.images, images.labels, list(data.class_names), mean, std, device,
-                        run.path / "maps", cfg.train.map_every, f"{data.name} {split}: {cfg.method}")
-    return lambda epoch, step: draw(encoder, epoch, step)
+
+    def draw(points: MapPoints, epoch: int, step: int) -> None:
+        draw_embedding_map(points, list(data.class_names), f"{data.name} {split}: {cfg.method}, epoch {epoch} "
+                           f"(step {step})", run.path / "maps" / f"epoch-{epoch:04d}.png")
+
+    callback = map_callback(images.images, images.labels, mean, std, device, cfg.train.map_every, draw)
+    return lambda epoch, step: callback(encoder, epoch, step)
 
 
 def export_encoder(run: RunDir, encoder: nn.Module, cfg: PretrainConfig, step: int) -> None:
@@ -322,8 +329,45 @@ def label_efficiency(run_dir: str | Path, fractions: tuple[float, ...] = (0.01, 
                      device: str = "auto", progress: Callable[[float, int], None] | None = None) -> dict[str, Any]:
     """Label-efficiency curves: every protocol at every fraction of the training labels, several
     seeds; ``<run>/label_efficiency.json`` and ``.png``. See :class:`RunEvaluation`."""
-    return RunEvaluation(run_dir, data, data_dir, device).label_efficiency(
-        fractions, seeds, protocols, finetune, progress=progress)
+    ev = RunEvaluation(run_dir, data, data_dir, device)
+    result = ev.label_efficiency(fractions, seeds, protocols, finetune, progress=progress)
+    _draw_efficiency(ev, result)
+    return result
+
+
+def _draw_efficiency(ev: RunEvaluation, result: dict[str, Any]) -> Path:
+    from medlatent.report.figures import efficiency_figure
+
+    return efficiency_figure(result["summary"], f"{ev.data.name}: {ev.cfg.method} encoder vs training from scratch",
+                             ev.run.path / "label_efficiency.png")
+
+
+def _draw_map(ev: RunEvaluation, split: str, max_points: int = 2000, out: str | Path | None = None) -> Path:
+    from medlatent.report.figures import draw_embedding_map
+
+    points, title = ev.embedding_map(split, max_points)
+    return draw_embedding_map(points, list(ev.data.class_names), title,
+                              Path(out) if out else ev.run.path / f"embedding_map_{split}.png")
+
+
+def _draw_retrieval(ev: RunEvaluation, k: int = 8, queries: int = 6) -> dict[str, Any]:
+    """precision@k, its figure, and ``<run>/retrieval.json``."""
+    from medlatent.report.figures import retrieval_figure
+
+    r = ev.retrieval(k=k, n_queries=queries)
+    figure = retrieval_figure(r.pop("queries"), r.pop("neighbours"), r.pop("relevant"), r.pop("title"),
+                              ev.run.path / "retrieval.png")
+    result = dict(r, figure=str(figure))
+    ev.run.write_json("retrieval.json", result)
+    return result
+
+
+def _draw_confusion(ev: RunEvaluation, split: str = "test") -> Path | None:
+    from medlatent.report.figures import confusion_figure
+
+    c = ev.confusion_matrix(split)
+    return None if c is None else confusion_figure(c["matrix"], c["class_names"], c["title"],
+                                                   ev.run.path / f"confusion_{split}.png")
 
 
 def embed(run_dir: str | Path, split: str = "test", out: str | Path | None = None, data: str | None = None,
@@ -397,9 +441,20 @@ def report(run_dir: str | Path, data_dir: str | None = None, device: str = "auto
     """One self-contained HTML page for a run (``<run>/report.html``); computes what is missing
     (probe, embedding map, retrieval, confusion matrix) and includes what exists (label
     efficiency, attention maps, reconstructions)."""
-    from medlatent.report.html import write_report
+    from medlatent.report.figures import training_curves_figure
+    from medlatent.report.html import ReportInputs, write_report
 
-    return write_report(RunEvaluation(run_dir, None, data_dir, device))
+    ev = RunEvaluation(run_dir, None, data_dir, device)
+    probe = ev.probe(splits=("val", "test"))
+    retrieval = _draw_retrieval(ev)
+    eff = ev.run.path / "label_efficiency.json"
+    efficiency = ev.run.read_json(eff.name) if eff.is_file() else None
+    figures = dict(curves=training_curves_figure(ev.run.read_metrics(), f"{ev.cfg.method} on {ev.cfg.data.name}",
+                                                 ev.run.path / "training_curves.png"),
+                   map=_draw_map(ev, "test"), retrieval=Path(retrieval["figure"]), confusion=_draw_confusion(ev),
+                   efficiency=_draw_efficiency(ev, efficiency) if efficiency else None)
+    return write_report(ReportInputs(ev.run, ev.cfg, ev.data.name, ev.task, ev.step, probe, retrieval, efficiency,
+                                     figures))
 
 
 def compare(run_dirs: list[str | Path], out: str | Path | None = None) -> tuple[str, Path | None]:
@@ -438,12 +493,12 @@ def download(names: list[str], size: int = 28, data_dir: str | None = None) -> l
 def embedding_map(run_dir: str | Path, split: str = "test", max_points: int = 2000, out: str | Path | None = None,
                   data_dir: str | None = None) -> Path:
     """A 2-D map of a split's embeddings (UMAP if installed, else t-SNE), coloured by label (PNG)."""
-    return RunEvaluation(run_dir, None, data_dir, need_labels=False).embedding_map(split, max_points, out=out)
+    return _draw_map(RunEvaluation(run_dir, None, data_dir, need_labels=False), split, max_points, out)
 
 
 def retrieval(run_dir: str | Path, k: int = 8, queries: int = 6, data_dir: str | None = None) -> dict[str, Any]:
     """Nearest training images of test queries (a figure) and precision@1/5/10."""
-    return RunEvaluation(run_dir, None, data_dir).retrieval(k=k, n_queries=queries)
+    return _draw_retrieval(RunEvaluation(run_dir, None, data_dir), k, queries)
 
 
 # ------------------------------------------------------------------------------ generative

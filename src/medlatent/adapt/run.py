@@ -99,7 +99,8 @@ def adapt_and_evaluate(base: Base, cfg: AdaptConfig, fraction: float = 1.0, seed
     if out is not None:
         w, _ = save_adapter(out, model, cfg, weights_hash(base.encoder),
                             dict(n_outputs=data.n_classes, feature_norm=ft.feature_norm, task=data.task, data=data.name, mean=base.mean,
-                                 std=base.std, base=base.source, test=test))
+                                 std=base.std, base=base.source, test=test, label_fraction=fraction, seed=seed,
+                                 finetune=dataclasses.asdict(ft)))
         result["adapter"] = str(w)
         result["adapter_bytes"] = w.stat().st_size
     return result

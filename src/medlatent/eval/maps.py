@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -52,38 +52,50 @@ def display_images(images: torch.Tensor) -> list[np.ndarray]:
     return [(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)).numpy() for img in x]
 
 
-def draw_map(features: torch.Tensor, labels: torch.Tensor | None, class_names: list[str], images: torch.Tensor,
-             title: str, out: Path, max_points: int = 2000, n_thumbs: int = 12, seed: int = 0) -> Path:
-    """Embedding map figure: subsample, project to 2-D, colour by (single) label, add thumbnails.
+@dataclass
+class MapPoints:
+    """A 2-D map of embeddings, ready to draw.
+
+    Attributes:
+        coords: (M, 2) projected points.
+        labels: (M,) class of each point, or None (multi-label or unlabelled: one colour).
+        thumbs: (point index, (H, W[, 3]) image) pairs shown beside the map.
+        how: the projection used ("UMAP" or "t-SNE").
+    """
+
+    coords: np.ndarray
+    labels: np.ndarray | None
+    thumbs: list[tuple[int, np.ndarray]]
+    how: str
+
+
+def map_points(features: torch.Tensor, labels: torch.Tensor | None, images: torch.Tensor, max_points: int = 2000,
+               n_thumbs: int = 12, seed: int = 0) -> MapPoints:
+    """Subsample, project to 2-D and pick thumbnails.
 
     Args:
-        features: (N, D) embeddings; labels: (N, 1) class indices, (N, L) multi-label or None
-            (multi-label and unlabelled points are drawn in one colour); images: (N, C, *S).
+        features: (N, D) embeddings; labels: (N, 1) class indices, (N, L) multi-label or None;
+            images: (N, C, *S) stored images.
     """
-    from medlatent.report.figures import embedding_map_figure
-
     idx = subsample(labels, len(features), max_points, seed)
     coords, how = embedding_2d(features[idx], seed)
     y = labels[idx, 0].numpy() if labels is not None and labels.shape[1] == 1 else None
     pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:n_thumbs]
-    thumbs = list(zip(pick.tolist(), display_images(images[idx[pick]])))
-    return embedding_map_figure(coords, y, class_names, thumbs, f"{title} ({how})", out)
+    return MapPoints(coords, y, list(zip(pick.tolist(), display_images(images[idx[pick]]))), how)
 
 
-def map_callback(images: torch.Tensor, labels: torch.Tensor | None, class_names: list[str], mean: list[float],
-                 std: list[float], device: torch.device, out_dir: Path, every: int, title: str,
+def map_callback(images: torch.Tensor, labels: torch.Tensor | None, mean: list[float], std: list[float],
+                 device: torch.device, every: int, draw: Callable[[MapPoints, int, int], None],
                  max_points: int = 1000) -> Callable[[nn.Module, int, int], None]:
-    """For pretraining: ``callback(encoder, epoch, step)`` draws ``out_dir/epoch-XXXX.png`` every
-    ``every`` epochs, so the representation can be watched forming. The same images (a fixed
-    subsample of the labelled split) are mapped each time."""
+    """For pretraining: ``callback(encoder, epoch, step)`` maps a fixed subsample of the images
+    every ``every`` epochs and hands the points to ``draw(points, epoch, step)``, so the
+    representation can be watched forming."""
     idx = subsample(labels, len(images), max_points, 0)
     images, labels = images[idx], None if labels is None else labels[idx]
 
     def callback(encoder: nn.Module, epoch: int, step: int) -> None:
         if epoch % every:
             return
-        feats = extract_features(encoder, images, mean, std, device)
-        draw_map(feats, labels, class_names, images, f"{title}, epoch {epoch} (step {step})",
-                 out_dir / f"epoch-{epoch:04d}.png", max_points)
+        draw(map_points(extract_features(encoder, images, mean, std, device), labels, images, max_points), epoch, step)
 
     return callback

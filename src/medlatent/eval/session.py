@@ -27,6 +27,7 @@ from medlatent.eval.finetune import FinetuneConfig, finetune
 from medlatent.eval.fractions import label_fraction
 from medlatent.eval.knn import knn_scores
 from medlatent.eval.linear import linear_probe
+from medlatent.eval.maps import MapPoints, map_points
 from medlatent.eval.metrics import confusion, evaluate
 from medlatent.train.precision import resolve_channels_last, resolve_device, resolve_precision
 from medlatent.train.runs import RunDir
@@ -167,9 +168,7 @@ class RunEvaluation:
                          cfg: FinetuneConfig | None = None, splits: tuple[str, ...] = ("test",),
                          progress: Any = None) -> dict[str, Any]:
         """Every protocol at every label fraction and seed; mean and std over seeds. Written to
-        ``<run>/label_efficiency.json`` and plotted to ``<run>/label_efficiency.png``."""
-        from medlatent.report.figures import efficiency_figure
-
+        ``<run>/label_efficiency.json``."""
         unknown = set(protocols) - {"knn", "linear", "finetune", "supervised"}
         if unknown:
             raise ConfigError(f"unknown protocol(s) {', '.join(sorted(unknown))} (known: knn, linear, finetune, supervised)")
@@ -189,8 +188,6 @@ class RunEvaluation:
                       fractions=list(fractions), seeds=list(seeds), finetune=dataclasses.asdict(cfg),
                       rows=rows, summary=summary, crossover=crossover(summary))
         self.run.write_json("label_efficiency.json", result)
-        efficiency_figure(summary, f"{self.data.name}: {self.cfg.method} encoder vs training from scratch",
-                          self.run.path / "label_efficiency.png")
         return result
 
     def embed(self, split: str = "test", out: str | Path | None = None) -> Path:
@@ -208,21 +205,18 @@ class RunEvaluation:
 
         return display_images(self.split(split).images[torch.as_tensor(index)])
 
-    def embedding_map(self, split: str = "test", max_points: int = 2000, n_thumbs: int = 12, seed: int = 0,
-                      out: str | Path | None = None) -> Path:
-        """2-D map of a split's embeddings coloured by label, with thumbnails; a PNG."""
-        from medlatent.eval.maps import draw_map
-
-        return draw_map(self.features(split), self.split(split).labels, list(self.data.class_names),
-                        self.split(split).images, f"{self.data.name} {split}: {self.cfg.method} embedding, "
-                        f"step {self.step}", Path(out) if out else self.run.path / f"embedding_map_{split}.png",
-                        max_points, n_thumbs, seed)
+    def embedding_map(self, split: str = "test", max_points: int = 2000, n_thumbs: int = 12,
+                      seed: int = 0) -> tuple[MapPoints, str]:
+        """2-D map of a split's embeddings with thumbnails, and its title (drawn by ``report``)."""
+        points = map_points(self.features(split), self.split(split).labels, self.split(split).images, max_points,
+                            n_thumbs, seed)
+        return points, f"{self.data.name} {split}: {self.cfg.method} embedding, step {self.step}"
 
     def retrieval(self, split: str = "test", gallery: str = "train", k: int = 8, n_queries: int = 6,
-                  ks: tuple[int, ...] = (1, 5, 10), seed: int = 0, out: str | Path | None = None) -> dict[str, Any]:
-        """Nearest training images of a few test queries (a PNG) and precision@k over the whole split."""
+                  ks: tuple[int, ...] = (1, 5, 10), seed: int = 0) -> dict[str, Any]:
+        """precision@k over the whole split, and the nearest ``gallery`` images of a few queries
+        (``queries``: images; ``neighbours``: k images each; ``relevant``: same class or not)."""
         from medlatent.eval.retrieval import nearest, precision_at_k
-        from medlatent.report.figures import retrieval_figure
 
         q_labels, g_labels = self.split(split).labels, self.split(gallery).labels
         nb, _ = nearest(self.features(split), self.features(gallery), max(max(ks), k))
@@ -230,26 +224,21 @@ class RunEvaluation:
         queries = torch.randperm(len(nb), generator=torch.Generator().manual_seed(seed))[:n_queries]
         relevant = [[bool(precision_at_k(q_labels[i:i + 1], g_labels, nb[i:i + 1, j:j + 1]) > 0) for j in range(k)]
                     for i in queries.tolist()]
-        path = retrieval_figure(self.display(split, queries), [self.display(gallery, nb[i, :k]) for i in queries],
-                                relevant, f"{self.data.name}: nearest {gallery} images of {split} queries "
-                                f"(green: same class)",
-                                Path(out) if out else self.run.path / "retrieval.png")
-        result = dict(split=split, gallery=gallery, figure=str(path), **precision)
-        self.run.write_json("retrieval.json", result)
-        return result
+        return dict(split=split, gallery=gallery, **precision, queries=self.display(split, queries),
+                    neighbours=[self.display(gallery, nb[i, :k]) for i in queries], relevant=relevant,
+                    title=f"{self.data.name}: nearest {gallery} images of {split} queries (green: same class)")
 
-    def confusion_matrix(self, split: str = "test", out: str | Path | None = None) -> Path | None:
-        """Row-normalised confusion matrix of the linear probe (all training labels) on a split."""
-        from medlatent.report.figures import confusion_figure
-
+    def confusion_matrix(self, split: str = "test") -> dict[str, Any] | None:
+        """Row-normalised confusion matrix of the linear probe (all training labels) on a split
+        (None for multi-label tasks)."""
         if self.multi_label:
             return None
         lin = linear_probe(self.features("train"), self.target("train"), self.features("val"), self.target("val"),
                            self.task, self.data.n_classes)
         matrix = confusion(self.split(split).labels.numpy(), lin.scores(self.features(split)).numpy(), self.task,
                            self.data.n_classes)
-        return confusion_figure(matrix, list(self.data.class_names), f"{self.data.name} {split}: linear probe",
-                                Path(out) if out else self.run.path / f"confusion_{split}.png")
+        return dict(matrix=matrix, class_names=list(self.data.class_names),
+                    title=f"{self.data.name} {split}: linear probe")
 
 
 def crossover(summary: list[dict]) -> dict[str, Any]:

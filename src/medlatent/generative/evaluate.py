@@ -180,7 +180,7 @@ def load_generator(run_dir: str | Path, device: str = "auto") -> tuple[nn.Module
     cfg = RunDir(Path(run_dir)).read_config()
     if cfg.method not in GENERATIVE:
         raise ConfigError(f"{run_dir}: a {cfg.method} run is not a generative model "
-                          f"(train one with medlatent generate train --model {'|'.join(GENERATIVE)})")
+                          f"(train one with medlatent generate train --method {'|'.join(GENERATIVE)})")
     model, meta, step = load_method(run_dir, resolve_device(device))
     return model, meta, step, cfg
 

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from medlatent.eval.maps import MapPoints
 
 
 def _plt():  # noqa: ANN202
@@ -141,6 +145,11 @@ def embedding_map_figure(coords: np.ndarray, labels: np.ndarray | None, class_na
     ax.set_xticks([])
     ax.set_yticks([])
     return _save(fig, out)
+
+
+def draw_embedding_map(points: "MapPoints", class_names: list[str], title: str, out: Path) -> Path:
+    """The figure of a :class:`medlatent.eval.maps.MapPoints`."""
+    return embedding_map_figure(points.coords, points.labels, class_names, points.thumbs, f"{title} ({points.how})", out)
 
 
 def retrieval_figure(queries: list[np.ndarray], neighbours: list[list[np.ndarray]], relevant: list[list[bool]],

@@ -11,15 +11,14 @@ import base64
 import html
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from medlatent.config import to_dict
+from medlatent.config import PretrainConfig, to_dict
 from medlatent.eval.published import protocol_rows
-from medlatent.eval.session import RunEvaluation
-from medlatent.report.figures import efficiency_figure, training_curves_figure
 from medlatent.train.runs import RunDir
 
 STYLE = """
@@ -66,28 +65,39 @@ def _summary_table(summary: list[dict]) -> str:
     return _table(["protocol", "split", "labels", "seeds", "ACC", "AUC", "balanced ACC"], rows)
 
 
-def write_report(ev: RunEvaluation, out: Path | None = None) -> Path:
-    """Compute what a report needs and is cheap (probe, map, retrieval, confusion matrix) and
-    write ``<run>/report.html``."""
-    run = ev.run
-    cfg = ev.cfg
-    probe = ev.probe(splits=("val", "test"))
-    curves = training_curves_figure(run.read_metrics(), f"{cfg.method} on {cfg.data.name}",
-                                    run.path / "training_curves.png")
-    emb_map = ev.embedding_map("test")
-    retrieval = ev.retrieval()
-    conf = ev.confusion_matrix("test")
-    eff = run.path / "label_efficiency.json"
-    efficiency = json.loads(eff.read_text()) if eff.is_file() else None
-    if efficiency:
-        efficiency_figure(efficiency["summary"], f"{ev.data.name}: {cfg.method} encoder vs training from scratch",
-                          run.path / "label_efficiency.png")
+@dataclass
+class ReportInputs:
+    """What a run report shows, computed beforehand (see ``medlatent.api.report``).
+
+    Attributes:
+        run: the run folder; cfg: its config.
+        data_name, task: the labelled data evaluated on; step: the encoder's step.
+        probe: ``medlatent probe``'s result; retrieval: precision@k (split, gallery, precision@...).
+        efficiency: ``label_efficiency.json`` when it exists.
+        figures: PNGs by name: curves, map, retrieval, confusion, efficiency (None: not drawn).
+    """
+
+    run: RunDir
+    cfg: PretrainConfig
+    data_name: str
+    task: str | None
+    step: int
+    probe: dict[str, Any]
+    retrieval: dict[str, Any]
+    efficiency: dict[str, Any] | None
+    figures: dict[str, Path | None] = field(default_factory=dict)
+
+
+def write_report(inputs: ReportInputs, out: Path | None = None) -> Path:
+    """Lay out ``<run>/report.html`` from results and figures that already exist."""
+    run, cfg, probe, retrieval, efficiency = inputs.run, inputs.cfg, inputs.probe, inputs.retrieval, inputs.efficiency
+    curves, emb_map, conf = (inputs.figures.get(k) for k in ("curves", "map", "confusion"))
     env = run.read_json("env.json")
     metrics = run.read_metrics()
     last = next((m for m in reversed(metrics) if "loss" in m), {})
     parts = [f"<h1>medlatent run: {html.escape(run.path.name)}</h1>",
              f'<p class="muted">{html.escape(cfg.method)} · {html.escape(cfg.backbone.name)} · '
-             f'{html.escape(ev.data.name)} ({html.escape(str(ev.task))}) · encoder at step {ev.step} · '
+             f'{html.escape(inputs.data_name)} ({html.escape(str(inputs.task))}) · encoder at step {inputs.step} · '
              f'{html.escape(str(env.get("cuda") or env.get("cpu")))} · torch {html.escape(env.get("torch", ""))} · '
              f'{html.escape(env.get("autocast", ""))}</p>',
              "<h2>Training</h2>",
@@ -99,7 +109,7 @@ def write_report(ev: RunEvaluation, out: Path | None = None) -> Path:
              "Linear: logistic regression on frozen features, L2 penalty chosen on val. ACC and AUC as MedMNIST "
              "computes them.</p>"]
     if efficiency:
-        parts += ["<h2>Label efficiency</h2>", _img(run.path / "label_efficiency.png", "label efficiency"),
+        parts += ["<h2>Label efficiency</h2>", _img(inputs.figures.get("efficiency"), "label efficiency"),
                   _summary_table(efficiency["summary"]),
                   f'<p class="muted">Each protocol against training from scratch, per label fraction '
                   f'(test ACC): {html.escape(_crossover_text(efficiency["crossover"]))}.</p>']
@@ -108,13 +118,13 @@ def write_report(ev: RunEvaluation, out: Path | None = None) -> Path:
               _table(["gallery", "queries"] + [k for k in retrieval if k.startswith("precision@")],
                      [[retrieval["gallery"], retrieval["split"]] +
                       [retrieval[k] for k in retrieval if k.startswith("precision@")]]),
-              _img(Path(retrieval["figure"]), "retrieval")]
+              _img(inputs.figures.get("retrieval"), "retrieval")]
     if conf is not None:
         parts += ["<h2>Confusion matrix</h2>", _img(conf, "confusion matrix")]
     for name, title in (("attention.png", "Attention maps"), ("reconstruction.png", "Reconstructions")):
         if (run.path / name).is_file():
             parts += [f"<h2>{title}</h2>", _img(run.path / name, title)]
-    published = protocol_rows(ev.data.name)
+    published = protocol_rows(inputs.data_name)
     if published:
         parts += ["<h2>Published results (test split, 28 px)</h2>",
                   _table(["source", "protocol", "ACC", "AUC"],

@@ -22,7 +22,7 @@ from medlatent.data.store import epoch_batches, mix_seed
 from medlatent.errors import CheckpointError, TrainingDiverged
 from medlatent.train import checkpoint
 from medlatent.train.optim import build_optimizer, lr_at, scaled_lr
-from medlatent.train.precision import memory_format
+from medlatent.train.precision import memory_format, trunk
 from medlatent.train.runs import RunDir
 
 
@@ -106,7 +106,7 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
         synced = nn.SyncBatchNorm.convert_sync_batchnorm(method) if device.type == "cuda" else method
         model = nn.parallel.DistributedDataParallel(synced, device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:
-        method.encoder.compile()
+        trunk(method).compile()
     images = images.to(device)
     if labels is not None:
         labels = labels.to(device)

@@ -11,6 +11,7 @@ import functools
 from typing import Literal
 
 import torch
+import torch.nn as nn
 
 from medlatent.errors import ConfigError
 
@@ -69,3 +70,10 @@ def resolve_device(requested: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device: cuda requested but no CUDA device is available")
     return device
+
+
+def trunk(method: nn.Module) -> nn.Module:
+    """The network that memory layout and ``torch.compile`` act on: the method's ``encoder``
+    when it has one (every self-supervised method; the VAE's and GAN's feature networks), else
+    the whole module (a generative model made of one network)."""
+    return getattr(method, "encoder", method)
