@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine (README):
 #   make demo   - SimCLR on BloodMNIST (downloaded, or found in $MEDLATENT_DATA), then its probes
 #   make test   - the import-layer contracts (lint-imports), then the test suite
+#   make wheel-test - build sdist + wheel, install the wheel in a fresh venv, smoke-test it (CI runs it)
 # torch is pinned to the CPU wheel here; on a GPU machine install the CUDA build first and
 # `make VENV=... test` reuses it.
 PYTHON ?= python3
@@ -8,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_RUN ?= runs/demo-bloodmnist-simclr
 
-.PHONY: setup browser demo test bench clean
+.PHONY: setup browser demo test wheel-test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,5 +41,9 @@ test: setup browser
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
+# The package as users get it, away from the checkout (scripts/check_wheel.sh says what it checks).
+wheel-test: setup
+	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/check_wheel.sh
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

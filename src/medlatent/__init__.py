@@ -12,9 +12,14 @@ public functions below are loaded on first use::
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
-__version__ = "0.1.0"
+# MONAI imports mlflow eagerly when it is installed (the optional `track` extra), and mlflow then
+# reports usage over the network unless told not to: medlatent runs offline, so say no by default.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it; CITATION.cff must match (scripts/check_wheel.sh)
 
 _LAZY = {
     "load_medmnist": "medlatent.data.medmnist",

@@ -22,16 +22,16 @@ import torch
 import torch.nn as nn
 
 from medlatent import dist
+from medlatent.adapt.strategies import AdaptConfig
 from medlatent.config import DataConfig, PretrainConfig, check_ranges, from_dict, to_dict
 from medlatent.data.sources import load_dataset
 from medlatent.data.store import Dataset, channel_stats
 from medlatent.errors import ConfigError, DataError
-from medlatent.adapt.strategies import AdaptConfig
 from medlatent.eval.finetune import FinetuneConfig
 from medlatent.eval.session import RunEvaluation, crossover_words
 from medlatent.methods.registry import resolve_config
-from medlatent.methods.saved import load_encoder, load_method, read_config
-from medlatent.train import checkpoint
+from medlatent.methods.saved import LoadedEncoder, load_method, open_encoder, read_config
+from medlatent.train import checkpoint, trackers
 from medlatent.train.loop import FitResult, Progress, fit
 from medlatent.train.precision import resolve_channels_last, resolve_device, resolve_precision, trunk
 from medlatent.train.runs import RunDir, environment
@@ -102,22 +102,25 @@ def run_pretraining(config: PretrainConfig | Mapping[str, Any] | None = None, ou
         ConfigError, DataError: the run was refused (nothing written).
         RunInUse: another process is training in ``output``.
     """
+    if isinstance(config, Mapping) and not resume:
+        config = make_config(config)
     run = RunDir(Path(output) if output else default_output(config or PretrainConfig()))
     if run.path.exists() and not run.path.is_dir():
         raise ConfigError(f"{run.path}: is a file; --output must be a run folder")
     main = dist.launched_rank() == 0  # under torchrun, rank 0 owns the folder for all ranks
     if resume:
         run.read_config()  # not a run folder: one line, and no folder or lock file is created
-        run.check_not_in_use()
+        if main:
+            run.check_not_in_use()
         with run.lock() if main else contextlib.nullcontext():
             cfg = _with_overrides(read_config(run), overrides or {})
+            trackers.require(cfg.train.log)
             return run.path, _train(run, cfg, True, on_progress, should_stop)
     if overrides:
         raise ConfigError("overrides apply to a resumed run only")
-    if isinstance(config, Mapping):
-        config = make_config(config)
     cfg = dataclasses.replace(config) if config else PretrainConfig()
     check_ranges(cfg)
+    trackers.require(cfg.train.log)  # a tracker's missing package: refused before anything is written
     if main:
         run.check_not_in_use()
         _refuse_used(run)
@@ -160,9 +163,9 @@ def _remove_unstarted(run: RunDir, created: bool) -> None:
     if created:
         shutil.rmtree(run.path, ignore_errors=True)
         return
-    for name in ("config.yaml", "data.json", "env.json", "metrics.jsonl", ".lock"):
+    for name in ("config.yaml", "data.json", "env.json", "metrics.jsonl", "mlflow_run.json", ".lock"):
         (run.path / name).unlink(missing_ok=True)
-    for name in ("checkpoints", "maps"):
+    for name in ("checkpoints", "maps", "tensorboard", "mlruns"):
         shutil.rmtree(run.path / name, ignore_errors=True)
 
 
@@ -268,22 +271,47 @@ def _train(run: RunDir, cfg: PretrainConfig, resume: bool, on_progress: Callable
             device=str(device), world_size=dist.world_size(),
             autocast=str(autocast).replace("torch.", "") if autocast else "fp32",
             channels_last=channels_last, resumed=resume)))
-    on_epoch_end = None
-    if cfg.train.map_every and dist.is_main():
-        on_epoch_end = _map_during_training(method.encoder, data, cfg, plan.mean, plan.std, device, run)
-        if not run.has_checkpoint():
-            on_epoch_end(0, 0)  # the map before any training
-    result = fit(method, plan.images, plan.recipe, cfg, run, device, autocast, channels_last, on_progress,
-                 should_stop, on_epoch_end, plan.labels)
-    if result.status == "finished" and dist.is_main() and plan.spec.exports_encoder:
-        export_encoder(run, method.encoder, cfg, result.step)
+    # TensorBoard / MLflow beside metrics.jsonl (main process only; nothing when train.log is empty)
+    tracked = trackers.Trackers.open(cfg.train.log, run.path, to_dict(cfg), run.path.name,
+                                     f"{cfg.data.name}-{cfg.method}")
+    try:
+        on_epoch_end = None
+        if cfg.train.map_every and dist.is_main():
+            on_epoch_end = _map_during_training(method.encoder, data, cfg, plan.mean, plan.std, device, run, tracked)
+            if not run.has_checkpoint():
+                on_epoch_end(0, 0)  # the map before any training
+        result = fit(method, plan.images, plan.recipe, cfg, run, device, autocast, channels_last, on_progress,
+                     should_stop, on_epoch_end, plan.labels, tracked)
+        if result.status == "finished" and dist.is_main() and plan.spec.exports_encoder:
+            export_encoder(run, method.encoder, cfg, result.step)
+        if tracked:
+            _track_final(tracked, run, cfg, result)
+    except BaseException:
+        tracked.close("FAILED")
+        raise
+    tracked.close("FINISHED" if result.status == "finished" else "KILLED")
     return result
 
 
+def _track_final(tracked: trackers.Trackers, run: RunDir, cfg: PretrainConfig, result: FitResult) -> None:
+    """The final metrics and the training-curve figure, to the run's trackers."""
+    from medlatent.report.figures import training_curves_figure
+
+    records = run.read_metrics()
+    losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float)) and "step" in r]
+    final = dict(steps=result.step, total_steps=result.total_steps, wall_s=result.wall_s)
+    if losses:
+        final["loss"] = losses[-1]
+    tracked.log_final(final, result.step)
+    curves = training_curves_figure(records, f"{cfg.method} on {cfg.data.name}", run.path / "training_curves.png")
+    tracked.log_figure(curves, "training_curves", result.step)
+
+
 def _map_during_training(encoder: nn.Module, data: Dataset, cfg: PretrainConfig, mean: list[float],
-                         std: list[float], device: torch.device, run: RunDir) -> Callable[[int, int], None]:
+                         std: list[float], device: torch.device, run: RunDir,
+                         tracked: trackers.Trackers | None = None) -> Callable[[int, int], None]:
     """Embedding maps of the val split (or the training split when there is none) every
-    ``train.map_every`` epochs, into ``<run>/maps/``."""
+    ``train.map_every`` epochs, into ``<run>/maps/`` (and to the run's trackers)."""
     from medlatent.eval.maps import MapPoints, map_callback
     from medlatent.report.figures import draw_embedding_map
 
@@ -291,8 +319,11 @@ def _map_during_training(encoder: nn.Module, data: Dataset, cfg: PretrainConfig,
     images = data.split(split)
 
     def draw(points: MapPoints, epoch: int, step: int) -> None:
+        png = run.path / "maps" / f"epoch-{epoch:04d}.png"
         draw_embedding_map(points, list(data.class_names), f"{data.name} {split}: {cfg.method}, epoch {epoch} "
-                           f"(step {step})", run.path / "maps" / f"epoch-{epoch:04d}.png")
+                           f"(step {step})", png)
+        if tracked:
+            tracked.log_figure(png, f"maps/epoch-{epoch:04d}", step)
 
     callback = map_callback(images.images, images.labels, mean, std, device, cfg.train.map_every, draw)
     return lambda epoch, step: callback(encoder, epoch, step)
@@ -343,11 +374,22 @@ def _draw_efficiency(ev: RunEvaluation, result: dict[str, Any]) -> Path:
 
 
 def _draw_map(ev: RunEvaluation, split: str, max_points: int = 2000, out: str | Path | None = None) -> Path:
+    """The map's PNG, and its points beside it as a CSV (``index`` in the split, ``x``, ``y``,
+    ``label`` or ``label_<name>`` per finding, ``source`` when the images came from files)."""
+    from medlatent.data.store import label_columns, save_csv
     from medlatent.report.figures import draw_embedding_map
 
     points, title = ev.embedding_map(split, max_points)
-    return draw_embedding_map(points, list(ev.data.class_names), title,
-                              Path(out) if out else ev.run.path / f"embedding_map_{split}.png")
+    png = draw_embedding_map(points, list(ev.data.class_names), title,
+                             Path(out) if out else ev.run.path / f"embedding_map_{split}.png")
+    images = ev.split(split)
+    index = torch.as_tensor(points.index)
+    columns: dict[str, Any] = dict(index=points.index, x=points.coords[:, 0], y=points.coords[:, 1])
+    columns.update(label_columns(None if images.labels is None else images.labels[index], ev.data.class_names))
+    if images.sources is not None:
+        columns["source"] = [images.sources[i] for i in index.tolist()]
+    save_csv(png.with_suffix(".csv"), columns)
+    return png
 
 
 def _draw_retrieval(ev: RunEvaluation, k: int = 8, queries: int = 6) -> dict[str, Any]:
@@ -370,9 +412,40 @@ def _draw_confusion(ev: RunEvaluation, split: str = "test") -> Path | None:
                                                    ev.run.path / f"confusion_{split}.png")
 
 
+def load_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedEncoder:
+    """A run's newest encoder with its preprocessing: an ``nn.Module`` (forward on preprocessed
+    batches) with ``preprocess(images)``, ``embed(images)``, ``image_size``, ``in_channels``,
+    ``out_dim``, ``spatial_dims``, ``mean``, ``std`` and provenance (``run``, ``step``,
+    ``method``, ``backbone``, ``data``). ``load_encoder(run).embed(raw_uint8_images)`` equals
+    what ``medlatent embed`` writes for the same images. See :class:`LoadedEncoder`.
+
+    Raises:
+        CheckpointError: the folder is not a run, or it has no checkpoint yet.
+    """
+    return open_encoder(run_dir, device)
+
+
+def export(run_dir: str | Path, format: str, out: str | Path | None = None) -> dict[str, Any]:
+    """Write a run's encoder for another ecosystem: ``monai`` (safetensors + the MONAI class and
+    its arguments), ``timm`` (ViTs in timm's layout), ``torchscript``, ``onnx`` or ``bundle`` (a
+    MONAI bundle that embeds a folder of images). The folder (default ``<run>/export/<format>``)
+    holds ``export.json`` with the preprocessing, provenance, a usage snippet and the largest
+    difference from the run's encoder measured on reloading (``max_abs_diff``). See docs/export.md.
+
+    Raises:
+        ConfigError: an unknown format, or one this encoder cannot take (timm for a ResNet).
+        CheckpointError: the run has no checkpoint yet.
+    """
+    from medlatent.export import export_run
+
+    return export_run(run_dir, format, out)
+
+
 def embed(run_dir: str | Path, split: str = "test", out: str | Path | None = None, data: str | None = None,
           data_dir: str | None = None, device: str = "auto") -> Path:
-    """Write the encoder's embeddings of one split to an .npz (``embeddings`` (N, D), ``labels``)."""
+    """Write the encoder's embeddings of one split to an .npz (``embeddings`` (N, D), ``index``,
+    ``labels``, ``source`` for images read from files) and the same rows as a CSV beside it
+    (see :meth:`RunEvaluation.embed`); returns the .npz path."""
     return RunEvaluation(run_dir, data, data_dir, device, need_labels=False).embed(split, out)
 
 
@@ -408,8 +481,10 @@ def attention(run_dir: str | Path, images: list[str] | None = None, n: int = 8, 
     from medlatent.nets.backbones import ViTEncoder
     from medlatent.report.figures import attention_figure
 
+    from medlatent.methods.saved import load_encoder as load_bare_encoder
+
     run = RunDir(Path(run_dir))
-    encoder, meta, _ = load_encoder(run.path)
+    encoder, meta, _ = load_bare_encoder(run.path)
     if not isinstance(encoder, ViTEncoder) or encoder.spatial_dims != 2:
         raise ConfigError(f"{run.path}: attention maps need a 2-D ViT encoder; this run's backbone is "
                           f"{run.read_config().backbone.name}")
@@ -492,7 +567,8 @@ def download(names: list[str], size: int = 28, data_dir: str | None = None) -> l
 
 def embedding_map(run_dir: str | Path, split: str = "test", max_points: int = 2000, out: str | Path | None = None,
                   data_dir: str | None = None) -> Path:
-    """A 2-D map of a split's embeddings (UMAP if installed, else t-SNE), coloured by label (PNG)."""
+    """A 2-D map of a split's embeddings (UMAP if installed, else t-SNE), coloured by label (PNG),
+    and its points as a CSV beside it (index in the split, x, y, label, source)."""
     return _draw_map(RunEvaluation(run_dir, None, data_dir, need_labels=False), split, max_points, out)
 
 
@@ -628,4 +704,4 @@ __all__ = ["make_config", "pretrain", "run_pretraining", "probe", "label_efficie
            "evaluate_samples", "synthetic_augmentation", "score_anomalies", "evaluate_restoration",
            "rate_distortion", "adapt", "mil", "list_datasets", "download", "PretrainConfig", "DataConfig",
            "FitResult", "FinetuneConfig", "AdaptConfig", "RunEvaluation", "crossover_words", "detector_method",
-           "parse_classes", "is_generative", "generative_models"]
+           "parse_classes", "is_generative", "generative_models", "export", "LoadedEncoder"]

@@ -321,6 +321,11 @@ class TrainConfig:
     # Stop after this many seconds of training (a wall-clock budget); 0 means no limit. The
     # schedule still spans `epochs`, so a budgeted run is a truncated run, not a shorter one.
     time_budget_s: float = bounded(0.0, ge=0)
+    # Experiment trackers written beside metrics.jsonl, inside the run folder: "tensorboard"
+    # (<run>/tensorboard/) and/or "mlflow" (<run>/mlruns/, or $MLFLOW_TRACKING_URI). They get
+    # every metric by step, this config as flattened parameters, the final metrics and the
+    # figures. Optional packages: pip install 'medlatent[track]'. Empty: metrics.jsonl only.
+    log: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
 
 
 @dataclass

@@ -6,10 +6,13 @@ applied by :func:`medlatent.api.make_config`.
 
 from __future__ import annotations
 
+import datetime
 import logging
+import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -42,6 +45,10 @@ TRAINING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
     ("--time-budget", "train.time_budget_s", dict(type=NON_NEGATIVE,
                                                   help="Stop (with a checkpoint) after this many seconds.")),
     ("--data-dir", "data.data_dir", dict(help=DATA_DIR_HELP)),
+    ("--log", "train.log", dict(type=click.Choice(["tensorboard", "mlflow"]), multiple=True,
+                                callback=lambda ctx, param, value: list(value) or None,
+                                help="Also log to TensorBoard / MLflow, inside the run folder (repeatable; "
+                                     "pip install 'medlatent[track]').")),
 ]
 # Of those, the ones --resume accepts: they change where and how long a run goes on, not what it computes.
 RESUMABLE = {"--device": "train.device", "--time-budget": "train.time_budget_s"}
@@ -114,9 +121,71 @@ def train(kwargs: dict[str, Any], extra: dict[str, Any], changing: dict[str, Any
                  kwargs.get("output"), False)
 
 
+PROGRESS_SECONDS = 30.0  # a plain progress line this often when stdout is not a terminal
+
+
+def progress_line(p: Any) -> str:
+    """``step 120/600 (20%), epoch 3, loss 4.1234, 250 img/s, ETA 0:01:32`` from a training
+    Progress; ``loss -`` until the first logged window (the loss is that window's mean)."""
+    pct = 100 * p.step / max(p.total_steps, 1)
+    return (f"step {p.step}/{p.total_steps} ({pct:.0f}%), epoch {p.epoch + 1}, loss {_loss_text(p.loss)}, "
+            f"{p.images_per_s:.0f} img/s, ETA {_eta_text(p.eta_s)}")
+
+
+def _loss_text(loss: float | None) -> str:
+    return "-" if loss is None or not math.isfinite(loss) else f"{loss:.4f}"
+
+
+def _eta_text(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds))) if math.isfinite(seconds) and seconds < 1e8 else "-"
+
+
+def progress_seconds() -> float:
+    """Seconds between plain progress lines: $MEDLATENT_PROGRESS_SECONDS, else 30."""
+    raw = os.environ.get("MEDLATENT_PROGRESS_SECONDS", "").strip()
+    if not raw:
+        return PROGRESS_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise ConfigError(f"MEDLATENT_PROGRESS_SECONDS: {raw!r} is not a number of seconds >= 0")
+    return value
+
+
+class ProgressLines:
+    """Progress as plain lines for a log file: the first logged window, then one line every
+    ``every`` seconds, and the last step (:meth:`finish` prints it if the run stopped early)."""
+
+    def __init__(self, every: float, echo: Callable[[str], None] = click.echo) -> None:
+        self.every, self.echo = every, echo
+        self.last_line: float | None = None  # when the last line was printed (or the first step came)
+        self.logged = False  # a line with a loss has been printed
+        self.pending: Any = None  # the newest Progress not yet printed
+
+    def __call__(self, p: Any) -> None:
+        now = time.monotonic()
+        if self.last_line is None:
+            self.last_line = now
+        first_window = p.loss is not None and not self.logged
+        if first_window or p.step >= p.total_steps or now - self.last_line >= self.every:
+            self.echo(progress_line(p))
+            self.logged = self.logged or p.loss is not None
+            self.last_line, self.pending = now, None
+        else:
+            self.pending = p
+
+    def finish(self) -> None:
+        if self.pending is not None:
+            self.echo(progress_line(self.pending))
+            self.pending = None
+
+
 def run_training(cfg: Any, output: str | None, resume: bool, overrides: dict[str, Any] | None = None) -> None:
-    """Train with a progress bar (from the first step on); Ctrl-C or SIGTERM stops with a
-    checkpoint (exit 130); says what to run next."""
+    """Train with a progress bar (from the first step on) in a terminal, or plain progress
+    lines (:class:`ProgressLines`) when stdout is a file or pipe; Ctrl-C or SIGTERM stops with
+    a checkpoint (exit 130); says what to run next."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from medlatent import dist
@@ -128,27 +197,34 @@ def run_training(cfg: Any, output: str | None, resume: bool, overrides: dict[str
     def ask_stop(signum: int, frame: Any) -> None:
         stop["asked"] = True
 
+    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; only rank 0 draws
+    terminal = sys.stdout.isatty()
+    lines = ProgressLines(progress_seconds()) if main_process and not terminal else None
     signal.signal(signal.SIGINT, ask_stop)
     signal.signal(signal.SIGTERM, ask_stop)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-               TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[ips]:.0f} img/s"),
+               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]:.0f} img/s"),
                TextColumn("ETA"), TimeRemainingColumn()]
-    main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; only rank 0 draws
-    bar = Progress(*columns, disable=not main_process, transient=False)
+    bar = Progress(*columns, disable=not (main_process and terminal), transient=False)
     task = None
 
     def on_progress(p: Any) -> None:  # the bar appears with the first step, not before
         nonlocal task
+        if lines is not None:
+            lines(p)
+            return
         if task is None:
             bar.start()
-            task = bar.add_task("pretrain", total=p.total_steps, loss=p.loss, ips=p.images_per_s)
-        bar.update(task, completed=p.step, total=p.total_steps, loss=p.loss, ips=p.images_per_s,
+            task = bar.add_task("pretrain", total=p.total_steps, loss=_loss_text(p.loss), ips=p.images_per_s)
+        bar.update(task, completed=p.step, total=p.total_steps, loss=_loss_text(p.loss), ips=p.images_per_s,
                    description=f"epoch {p.epoch + 1}")
 
     try:
         run, result = run_pretraining(cfg, out, resume, on_progress, lambda: stop["asked"], overrides)
     finally:
         bar.stop()
+        if lines is not None:
+            lines.finish()
     if not dist.is_main():
         return
     click.echo(f"run: {run}  ({result.status} at step {result.step}/{result.total_steps}, {result.wall_s:.0f} s)")

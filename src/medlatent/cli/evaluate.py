@@ -44,10 +44,12 @@ def probe(run: str, data_name: str | None, splits: tuple[str, ...], fractions: t
 @click.option("--data-dir", default=None, help=DATA_DIR_HELP)
 @click.option("--device", default="auto", show_default=True)
 def embed(run: str, split: str, out: str | None, data_name: str | None, data_dir: str | None, device: str) -> None:
-    """Write a split's embeddings (and labels) to an .npz for your own analysis."""
+    """Write a split's embeddings with their ids (index in the split, source file) and labels to
+    an .npz and a CSV beside it, for your own analysis."""
     from medlatent.api import embed as run_embed
 
-    echo_written(run_embed(run, split, out, data_name, data_dir, device))
+    path = run_embed(run, split, out, data_name, data_dir, device)
+    echo_written(path, *[p for p in (Path(path).with_suffix(".csv"), Path(path).with_suffix(".parquet")) if p.is_file()])
 
 
 @click.command()
@@ -96,10 +98,12 @@ def efficiency(run: str, fractions: tuple[float, ...], old_fractions: tuple[floa
 @click.option("--out", default=None, help="PNG to write (default: <run>/embedding_map_<split>.png).")
 @click.option("--data-dir", default=None, help=DATA_DIR_HELP)
 def map_(run: str, split: str, max_points: int, out: str | None, data_dir: str | None) -> None:
-    """2-D map of the embedding (UMAP if installed, else t-SNE), coloured by label, with thumbnails."""
+    """2-D map of the embedding (UMAP if installed, else t-SNE), coloured by label, with thumbnails;
+    the coordinates (index in the split, x, y, label) in a CSV beside the PNG."""
     from medlatent.api import embedding_map
 
-    echo_written(embedding_map(run, split, max_points, out, data_dir))
+    path = embedding_map(run, split, max_points, out, data_dir)
+    echo_written(path, Path(path).with_suffix(".csv"))
 
 
 @click.command()

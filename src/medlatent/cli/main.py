@@ -16,6 +16,7 @@ import click
 
 from medlatent import __version__
 from medlatent.cli import adapt, anomaly, data, evaluate, generate, pretrain, restore
+from medlatent.cli import export as export_cli
 from medlatent.errors import MedlatentError
 
 
@@ -26,7 +27,7 @@ def cli() -> None:
 
 
 for command in [data.data, pretrain.pretrain, *evaluate.COMMANDS, generate.generate, anomaly.anomaly,
-                restore.restore, *adapt.COMMANDS]:
+                restore.restore, *adapt.COMMANDS, *export_cli.COMMANDS]:
     cli.add_command(command)
 
 

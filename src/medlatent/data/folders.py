@@ -42,7 +42,8 @@ Normalize = Literal["none", "percentile", "window"]
 def load_folder(root: str | Path, size: int = 28, spatial_dims: int = 2,
                 normalize: Normalize = "percentile", window: tuple[float, float] = (40.0, 400.0),
                 percentiles: tuple[float, float] = (0.5, 99.5)) -> Dataset:
-    """Read every image under ``root`` into memory.
+    """Read every image under ``root`` into memory (each split's ``ImageSet.sources`` holds the
+    absolute path of each image's file, in the images' order).
 
     Args:
         root: the folder (see the module docstring for layouts).
@@ -82,7 +83,7 @@ def load_folder(root: str | Path, size: int = 28, spatial_dims: int = 2,
         labels = None
         if class_names:
             labels = torch.tensor([[class_names.index(c)] for c in classes], dtype=torch.int64)
-        splits[split] = ImageSet(images, labels)
+        splits[split] = ImageSet(images, labels, [str(f.absolute()) for f in files])
     task = None if not class_names else (BINARY if len(class_names) == 2 else MULTI_CLASS)
     return Dataset(root.name, task, tuple(class_names), splits, str(root))
 

@@ -26,25 +26,35 @@ class ImageSet:
         images: ``(N, C, H, W)`` or ``(N, C, D, H, W)``, uint8 or float32 in [0, 1].
         labels: ``(N, L)`` int64 (L = 1 for single-label tasks, number of findings for
             multi-label), or None for unlabelled images.
+        sources: the file each image was read from (image folders), or None when the
+            images came from one array file (a .npz: there the position is the id).
     """
 
     images: torch.Tensor
     labels: torch.Tensor | None = None
+    sources: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.labels is not None and len(self.labels) != len(self.images):
             raise DataError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if self.sources is not None and len(self.sources) != len(self.images):
+            raise DataError(f"{len(self.images)} images but {len(self.sources)} source paths")
 
     def __len__(self) -> int:
         return len(self.images)
 
     def to(self, device: torch.device | str) -> "ImageSet":
         labels = None if self.labels is None else self.labels.to(device)
-        return ImageSet(self.images.to(device), labels)
+        return ImageSet(self.images.to(device), labels, self.sources)
 
     def subset(self, index: torch.Tensor) -> "ImageSet":
+        """The images at ``index`` (integer positions or a boolean mask), labels and sources kept aligned."""
+        index = torch.as_tensor(index)
+        if index.dtype == torch.bool:
+            index = index.nonzero()[:, 0]
         labels = None if self.labels is None else self.labels[index]
-        return ImageSet(self.images[index], labels)
+        sources = None if self.sources is None else [self.sources[i] for i in index.reshape(-1).tolist()]
+        return ImageSet(self.images[index], labels, sources)
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = False) -> Path:
@@ -53,6 +63,55 @@ def save_npz(path: Path, arrays: dict[str, np.ndarray], compress: bool = False) 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with tmp.open("wb") as f:
         (np.savez_compressed if compress else np.savez)(f, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def save_csv(path: Path, columns: dict[str, np.ndarray | list]) -> Path:
+    """Write equal-length columns as a CSV with a header row (atomic, like :func:`save_npz`).
+
+    Numbers are written in numpy's shortest round-trip form, so float32 values read back exactly.
+    """
+    import csv
+
+    cells = [np.asarray(c).astype(str) if not isinstance(c, list) else c for c in columns.values()]
+    if len({len(c) for c in cells}) > 1:
+        raise ValueError(f"{path}: columns of different lengths {[len(c) for c in cells]}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(list(columns))
+        w.writerows(zip(*cells))
+    os.replace(tmp, path)
+    return path
+
+
+def label_columns(labels: torch.Tensor | None, class_names: tuple[str, ...] | list[str]) -> dict[str, np.ndarray]:
+    """(N, L) labels as table columns: ``label`` (class index) for one column, else one
+    ``label_<name>`` (0/1) per finding; none for unlabelled images."""
+    if labels is None:
+        return {}
+    y = labels.cpu().numpy()
+    if y.shape[1] == 1:
+        return {"label": y[:, 0]}
+    names = list(class_names) if len(class_names) == y.shape[1] else [str(i) for i in range(y.shape[1])]
+    return {f"label_{n}": y[:, j] for j, n in enumerate(names)}
+
+
+def save_parquet(path: Path, columns: dict[str, np.ndarray | list]) -> Path | None:
+    """The same columns as a Parquet file when pyarrow is installed (it is not a dependency);
+    None, writing nothing, when it is not."""
+    import importlib.util
+
+    if importlib.util.find_spec("pyarrow") is None:
+        return None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(pa.table({k: np.asarray(v) for k, v in columns.items()}), tmp)
     os.replace(tmp, path)
     return path
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -111,8 +112,13 @@ def param_groups(model: Classifier, cfg: FinetuneConfig, encoder_lr_scale: float
 def finetune(encoder: nn.Module, train: ImageSet, val: ImageSet, task: str, n_outputs: int, mean: list[float],
              std: list[float], data_name: str, cfg: FinetuneConfig, device: torch.device, seed: int = 0,
              encoder_lr_scale: float | None = None, autocast_dtype: torch.dtype | None = None,
-             channels_last: bool = False) -> tuple[Classifier, dict[str, float], int]:
+             channels_last: bool = False, on_metrics: Callable[[dict[str, Any]], None] | None = None,
+             ) -> tuple[Classifier, dict[str, float], int]:
     """Train ``encoder`` + a linear head on ``train``; keep the weights best on ``val``.
+
+    ``on_metrics(record)``, when given, receives a record at every validation (``eval_every``
+    steps): ``step``, ``loss`` (that step's training loss), ``lr`` (the head's), ``val_acc``,
+    ``val_auc`` (e.g. for an experiment tracker; the loss is read back only then).
 
     Returns:
         (model at its best val ACC, its val metrics, optimiser steps taken).
@@ -155,6 +161,9 @@ def finetune(encoder: nn.Module, train: ImageSet, val: ImageSet, task: str, n_ou
             if step % cfg.eval_every == 0 or step == total:
                 scores = predict_scores(model, val.images, mean, std, device, multi_label, autocast_dtype, channels_last)
                 metrics = evaluate(val.labels.numpy(), scores, task)
+                if on_metrics is not None:
+                    on_metrics(dict(step=step, loss=float(loss.detach()), lr=lr_at(step - 1, total, 0, cfg.lr, 0.01),
+                                    **{f"val_{k}": float(v) for k, v in metrics.items()}))
                 key = (metrics["acc"], np.nan_to_num(metrics["auc"]))
                 if best_key is None or key > best_key:
                     best_key, best_metrics, bad_evals = key, metrics, 0

@@ -61,12 +61,14 @@ class MapPoints:
         labels: (M,) class of each point, or None (multi-label or unlabelled: one colour).
         thumbs: (point index, (H, W[, 3]) image) pairs shown beside the map.
         how: the projection used ("UMAP" or "t-SNE").
+        index: (M,) position in the split of each point (points are a subsample), or None.
     """
 
     coords: np.ndarray
     labels: np.ndarray | None
     thumbs: list[tuple[int, np.ndarray]]
     how: str
+    index: np.ndarray | None = None
 
 
 def map_points(features: torch.Tensor, labels: torch.Tensor | None, images: torch.Tensor, max_points: int = 2000,
@@ -81,7 +83,7 @@ def map_points(features: torch.Tensor, labels: torch.Tensor | None, images: torc
     coords, how = embedding_2d(features[idx], seed)
     y = labels[idx, 0].numpy() if labels is not None and labels.shape[1] == 1 else None
     pick = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:n_thumbs]
-    return MapPoints(coords, y, list(zip(pick.tolist(), display_images(images[idx[pick]]))), how)
+    return MapPoints(coords, y, list(zip(pick.tolist(), display_images(images[idx[pick]]))), how, idx.numpy())
 
 
 def map_callback(images: torch.Tensor, labels: torch.Tensor | None, mean: list[float], std: list[float],
@@ -96,6 +98,8 @@ def map_callback(images: torch.Tensor, labels: torch.Tensor | None, mean: list[f
     def callback(encoder: nn.Module, epoch: int, step: int) -> None:
         if epoch % every:
             return
-        draw(map_points(extract_features(encoder, images, mean, std, device), labels, images, max_points), epoch, step)
+        points = map_points(extract_features(encoder, images, mean, std, device), labels, images, max_points)
+        points.index = idx.numpy()[points.index]  # positions in the whole split, not in the subsample
+        draw(points, epoch, step)
 
     return callback

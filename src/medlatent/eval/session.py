@@ -20,7 +20,7 @@ from medlatent.config import PretrainConfig
 from medlatent.methods.saved import load_encoder
 from medlatent.data.catalogue import MULTI_LABEL
 from medlatent.data.sources import load_dataset
-from medlatent.data.store import Dataset, ImageSet, save_npz
+from medlatent.data.store import Dataset, ImageSet, label_columns, save_csv, save_npz, save_parquet
 from medlatent.errors import ConfigError, DataError
 from medlatent.eval.features import extract_features
 from medlatent.eval.finetune import FinetuneConfig, finetune
@@ -191,12 +191,32 @@ class RunEvaluation:
         return result
 
     def embed(self, split: str = "test", out: str | Path | None = None) -> Path:
-        """The split's embeddings (and labels) as an .npz for the user's own analysis."""
+        """The split's embeddings with their ids, for the user's own analysis.
+
+        Writes ``<run>/embeddings-<split>.npz`` (or ``out``) with ``embeddings`` (N, D),
+        ``index`` (N,) (row i is image i of the split), ``labels`` (N, L) when labelled,
+        ``source`` (N,) (each image's file) when the images came from files, and ``step``; and
+        the same rows beside it as a CSV (``index``, ``source``, ``label`` or one ``label_<name>``
+        per finding, ``d0`` ... ``d<D-1>``), plus Parquet when pyarrow is installed.
+        Returns the .npz path.
+        """
         path = Path(out) if out else self.run.path / f"embeddings-{split}.npz"
-        arrays: dict[str, np.ndarray] = dict(embeddings=self.features(split).numpy(), step=np.array(self.step))
-        labels = self.split(split).labels
-        if labels is not None:
-            arrays["labels"] = labels.numpy()
+        if path.suffix == ".csv":
+            path = path.with_suffix(".npz")
+        images = self.split(split)
+        features = self.features(split).float().numpy()
+        index = np.arange(len(features))
+        arrays: dict[str, np.ndarray] = dict(embeddings=features, index=index, step=np.array(self.step))
+        columns: dict[str, Any] = dict(index=index)
+        if images.sources is not None:
+            arrays["source"] = np.array(images.sources, dtype=str)
+            columns["source"] = list(images.sources)
+        if images.labels is not None:
+            arrays["labels"] = images.labels.numpy()
+        columns.update(label_columns(images.labels, self.data.class_names))
+        columns.update({f"d{j}": features[:, j] for j in range(features.shape[1])})
+        save_csv(path.with_suffix(".csv"), columns)
+        save_parquet(path.with_suffix(".parquet"), columns)
         return save_npz(path, arrays)
 
     def display(self, split: str, index: torch.Tensor | list[int]) -> list[np.ndarray]:

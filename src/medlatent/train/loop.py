@@ -24,6 +24,7 @@ from medlatent.train import checkpoint
 from medlatent.train.optim import build_optimizer, lr_at, scaled_lr
 from medlatent.train.precision import memory_format, trunk
 from medlatent.train.runs import RunDir
+from medlatent.train.trackers import Trackers
 
 
 def _mean(values: list[float]) -> float:
@@ -42,12 +43,15 @@ class FitResult:
 
 @dataclass
 class Progress:
-    """What the progress callback receives after every step."""
+    """What the progress callback receives after every step.
+
+    ``loss`` is the mean loss of the last logged window (``train.log_every`` steps, as in
+    ``metrics.jsonl``); None until the first window has been read back."""
 
     step: int
     total_steps: int
     epoch: int
-    loss: float
+    loss: float | None
     lr: float
     images_per_s: float
     eta_s: float
@@ -58,12 +62,13 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
         on_progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         on_epoch_end: Callable[[int, int], None] | None = None,
-        labels: torch.Tensor | None = None) -> FitResult:
+        labels: torch.Tensor | None = None, trackers: Trackers | None = None) -> FitResult:
     """Train ``method`` on ``images`` (N, C, *S) for ``cfg.train.epochs``, resuming if ``run``
     holds a checkpoint.
 
     ``labels`` (N,), when given, are passed with the views: ``method(views, labels[index])``
     (class-conditional generative models). ``on_epoch_end(epochs_done, step)`` runs on the main process after each epoch's checkpoint.
+    ``trackers`` (main process) get every metrics record as it is written to ``metrics.jsonl``.
 
     Raises:
         TrainingDiverged: the loss became NaN/inf; the last good checkpoint is kept.
@@ -97,6 +102,8 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
         start = ckpt.step
         if dist.is_main():
             run.truncate_metrics(start)
+            if trackers is not None:
+                trackers.resume_at(start)
     if start >= total:
         return FitResult(start, total, "finished", 0.0)
     model: nn.Module = method
@@ -163,6 +170,8 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
             record = window.flush(run, done, steps_per_epoch, lr, t.batch_size, wall0)  # raises on NaN
             if dist.is_main():
                 run.log(record)
+                if trackers is not None:
+                    trackers.log_metrics(record)
         if on_progress is not None:
             rate = (done - start) / max(time.perf_counter() - wall0, 1e-9)
             on_progress(Progress(done, total, epoch, window.last_loss, lr, rate * t.batch_size,
@@ -170,6 +179,8 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
         if save_now:
             save(done)
             last_ckpt = time.perf_counter()
+            if trackers is not None and dist.is_main():
+                trackers.flush()  # what a resume will not write again is on disk with the checkpoint
         if epoch_end and on_epoch_end is not None and dist.is_main():
             on_epoch_end(done // steps_per_epoch, done)
         if over_budget or stop:
@@ -186,7 +197,7 @@ class _Window:
         self.losses: list[torch.Tensor] = []
         self.logs: list[dict[str, Any]] = []
         self.t0 = time.perf_counter()
-        self.last_loss = float("nan")
+        self.last_loss: float | None = None  # mean loss of the last window read back
 
     def add(self, loss: torch.Tensor, logs: dict[str, Any]) -> None:
         self.losses.append(loss.float())
@@ -214,7 +225,7 @@ class _Window:
         record = dict(step=done, epoch=done / steps_per_epoch, loss=float(values.mean()), lr=lr,
                       images_per_s=len(values) * batch_size / max(elapsed, 1e-9),
                       time_s=time.perf_counter() - wall0, **extra)
-        self.last_loss = float(values[-1])
+        self.last_loss = record["loss"]
         self.first_step = done
         self.losses, self.logs, self.t0 = [], [], time.perf_counter()
         return record
