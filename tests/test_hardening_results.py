@@ -366,3 +366,11 @@ def test_vit_weights_load_into_unetr_with_16_px_patches_only():
         with pytest.raises(RuntimeError, match="size mismatch"):
             _unetr(unetr_size).vit.load_state_dict(
                 {k: v for k, v in small.state_dict().items() if k != "cls_token"}, strict=True)
+
+
+def test_adapter_names_with_dots_keep_their_fraction(tmp_path):
+    """``adapt --label-fraction 0.5`` names its adapter ``...-0.5``: both files keep the 0.5."""
+    from medlatent.adapt.files import adapter_files
+
+    assert adapter_files(tmp_path / "bias-s-0.5") == (tmp_path / "bias-s-0.5.safetensors", tmp_path / "bias-s-0.5.json")
+    assert adapter_files(tmp_path / "lora.safetensors") == (tmp_path / "lora.safetensors", tmp_path / "lora.json")

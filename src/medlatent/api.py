@@ -357,11 +357,55 @@ def label_efficiency(run_dir: str | Path, fractions: tuple[float, ...] = (0.01, 
                      seeds: tuple[int, ...] = (0, 1, 2),
                      protocols: tuple[str, ...] = ("knn", "linear", "finetune", "supervised"),
                      finetune: FinetuneConfig | None = None, data: str | None = None, data_dir: str | None = None,
-                     device: str = "auto", progress: Callable[[float, int], None] | None = None) -> dict[str, Any]:
+                     device: str = "auto", progress: Callable[[float, int], None] | None = None,
+                     log: tuple[str, ...] = (),
+                     on_metrics: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Label-efficiency curves: every protocol at every fraction of the training labels, several
-    seeds; ``<run>/label_efficiency.json`` and ``.png``. See :class:`RunEvaluation`."""
+    seeds; ``<run>/label_efficiency.json`` and ``.png``. See :class:`RunEvaluation`.
+
+    ``log``: experiment trackers (``"tensorboard"``, ``"mlflow"``) of the run folder
+    (``<run>/tensorboard``, ``<run>/mlruns``; MLflow: the run folder's MLflow run from
+    ``<run>/mlflow_run.json``, else a new one named ``label-efficiency``) get every fine-tuning
+    and supervised training's validation records under ``<protocol>/<fraction>/seed<seed>/``
+    (``finetune/0.1/seed0/loss``), the settings as ``efficiency.*`` parameters, and the summary
+    as ``final/<protocol>/<fraction>/test_acc`` (``_auc``, ``_balanced_acc``) at the encoder's step.
+    ``on_metrics(prefix, record)`` receives the same records.
+
+    Raises:
+        ConfigError: an unknown tracker, or one whose package is missing (before anything runs).
+    """
+    log = tuple(dict.fromkeys(log))
+    trackers.require(log)  # refused before the encoder is loaded or anything is trained
     ev = RunEvaluation(run_dir, data, data_dir, device)
-    result = ev.label_efficiency(fractions, seeds, protocols, finetune, progress=progress)
+    cfg = finetune or FinetuneConfig()
+    opened: list[trackers.Trackers] = []
+
+    def tracked() -> trackers.Trackers:  # opened at the first record: a refused protocol opens nothing
+        if not opened:
+            opened.append(trackers.Trackers.open(log, ev.run.path, dict(efficiency=dict(
+                data=ev.data.name, encoder_step=ev.step, fractions=list(fractions), seeds=list(seeds),
+                protocols=list(protocols), finetune=dataclasses.asdict(cfg))), "label-efficiency"))
+        return opened[0]
+
+    def report(prefix: str, record: dict[str, Any]) -> None:
+        tracked().log_metrics(record, prefix=prefix)
+        if on_metrics is not None:
+            on_metrics(prefix, record)
+
+    status = "FAILED"
+    try:
+        result = ev.label_efficiency(fractions, seeds, protocols, cfg, progress=progress,
+                                     on_metrics=report if log or on_metrics is not None else None)
+        if log:
+            tracked().log_final({f"{r['protocol']}/{r['fraction']:g}/{r['split']}_{m}": r[m]
+                                 for r in result["summary"] for m in ("acc", "auc", "balanced_acc")}, ev.step)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        for t in opened:
+            t.close(status)
     _draw_efficiency(ev, result)
     return result
 
@@ -665,17 +709,26 @@ def rate_distortion(runs: list[str], n: int = 500, out: str = "rate_distortion.p
 
 def adapt(source: str | Path, strategy: Any = None, data: str | None = None, label_fraction: float = 1.0,
           seed: int = 0, finetune: FinetuneConfig | None = None, heads: int | None = None,
-          out: str | Path | None = None, data_dir: str | None = None, device: str = "auto") -> dict[str, Any]:
+          out: str | Path | None = None, data_dir: str | None = None, device: str = "auto",
+          log: tuple[str, ...] = (), on_metrics: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Adapt a pretrained encoder (a run, or ViT weights in timm/DINO/MAE layout) to a labelled
     task with few trainable parameters; writes the adapter (.safetensors + .json).
 
     Args:
         strategy: an :class:`medlatent.adapt.strategies.AdaptConfig` (default LoRA).
         finetune: training of the adapter and head (default: feature-normalised head).
+        log: experiment trackers (``"tensorboard"``, ``"mlflow"``) for the adapter's training,
+            written into ``<adapter>.trackers/`` beside the adapter files (``result["trackers"]``).
+        on_metrics: receives each validation record of the training (step, loss, lr, val_*).
+
+    Raises:
+        ConfigError: an unknown tracker, or one whose package is missing (before anything runs).
     """
     from medlatent.adapt.run import WEIGHT_SUFFIXES, adapt_and_evaluate, load_base
     from medlatent.adapt.strategies import adapt as apply_strategy
 
+    log = tuple(dict.fromkeys(log))
+    trackers.require(log)  # refused before the base is loaded or anything is trained
     cfg = strategy or AdaptConfig()
     ft = finetune or FinetuneConfig(feature_norm=True)
     base = load_base(source, data, data_dir, heads, device)
@@ -683,7 +736,7 @@ def adapt(source: str | Path, strategy: Any = None, data: str | None = None, lab
     if out is None:
         root = Path(source).with_suffix("") if Path(source).suffix in WEIGHT_SUFFIXES else Path(source)
         out = root / "adapters" / f"{cfg.strategy}-{base.data.name}-{label_fraction:g}"
-    result = adapt_and_evaluate(base, cfg, label_fraction, seed, ft, str(out), device)
+    result = adapt_and_evaluate(base, cfg, label_fraction, seed, ft, str(out), device, log, on_metrics)
     return dict(result, weights_notes=base.notes)
 
 

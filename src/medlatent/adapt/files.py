@@ -43,12 +43,20 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def adapter_files(path: str | Path) -> tuple[Path, Path]:
+    """``(path.safetensors, path.json)``; ``path`` names the adapter without suffix and may hold
+    dots (``lora-bloodmnist-0.1``), or end in either suffix."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return Path(f"{stem}.safetensors"), Path(f"{stem}.json")
+
+
 def save_adapter(path: str | Path, model: nn.Module, cfg: AdaptConfig, base_hash: str,
                  extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
     """Write ``path.safetensors`` and ``path.json``; each under a temporary name, then renamed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    weights, meta = adapter_files(path)
     tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
     save_file(trainable_state(model), str(tmp))
     os.replace(tmp, weights)
@@ -61,7 +69,7 @@ def save_adapter(path: str | Path, model: nn.Module, cfg: AdaptConfig, base_hash
 def read_adapter(path: str | Path) -> tuple[AdaptConfig, dict[str, Any], dict[str, torch.Tensor]]:
     """(config, the JSON's contents, the weights) of an adapter written by :func:`save_adapter`."""
     path = Path(path)
-    weights, meta = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    weights, meta = adapter_files(path)
     for f in (weights, meta):
         if not f.is_file():
             raise CheckpointError(f"{f}: adapter file not found (an adapter is a .safetensors and a .json)")

@@ -4,29 +4,38 @@ data -> trained adapter file and its test metrics.
 Training is the evaluation suite's fine-tuning protocol (``eval/finetune.py``: AdamW, cosine
 schedule, light augmentation, early stopping on val); the strategy only decides which
 parameters train and what is added to the encoder.
+
+Experiment trackers (``log=("tensorboard", "mlflow")``) get the adapter's training scalars
+(``loss``, ``lr``, ``val_*`` at every validation), the adaptation config as parameters and the
+final metrics (``final/test_acc``, ``final/trainable_params``, ...), in a folder beside the
+adapter files: ``<adapter>.trackers/tensorboard/``, ``<adapter>.trackers/mlruns/`` and
+``<adapter>.trackers/mlflow_run.json``. Writing the same adapter again replaces its TensorBoard
+events and starts a new MLflow run in the same store.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import resource
+import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
 
-from medlatent.adapt.files import load_adapter_into, read_adapter, save_adapter, weights_hash
+from medlatent.adapt.files import adapter_files, load_adapter_into, read_adapter, save_adapter, weights_hash
 from medlatent.adapt.strategies import AdaptConfig, adapt, count_parameters
 from medlatent.config import DataConfig
 from medlatent.data.sources import load_dataset
 from medlatent.data.store import Dataset, channel_stats
-from medlatent.errors import DataError
+from medlatent.errors import ConfigError, DataError
 from medlatent.eval.features import predict_scores
 from medlatent.eval.finetune import Classifier, FinetuneConfig, finetune
 from medlatent.eval.fractions import label_fraction
 from medlatent.eval.metrics import evaluate
+from medlatent.train import trackers
 from medlatent.train.precision import resolve_device
 
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
@@ -63,13 +72,29 @@ def load_base(source: str | Path, data: str | None = None, data_dir: str | None 
     return Base(ev.encoder, ev.data, ev.mean, ev.std, str(source))
 
 
+def tracker_folder(out: str | Path) -> Path:
+    """Where an adapter's experiment trackers write: ``<adapter>.trackers`` beside its
+    ``.safetensors`` and ``.json`` (the suffix replaced as :func:`save_adapter` does)."""
+    return adapter_files(out)[0].with_suffix(".trackers")
+
+
 def adapt_and_evaluate(base: Base, cfg: AdaptConfig, fraction: float = 1.0, seed: int = 0,
                        ft: FinetuneConfig | None = None, out: str | Path | None = None,
-                       device: str = "auto") -> dict[str, Any]:
+                       device: str = "auto", log: Iterable[str] = (),
+                       on_metrics: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train ``cfg.strategy`` on a stratified ``fraction`` of the training labels; test ACC/AUC,
     trainable parameters (count and % of the encoder), time and peak memory; the adapter is
-    written to ``out`` (.safetensors + .json) when given."""
+    written to ``out`` (.safetensors + .json) when given.
+
+    ``log``: experiment trackers (tensorboard, mlflow) written into :func:`tracker_folder` of
+    ``out`` (required then). ``on_metrics``: also receives finetune's record at every validation.
+    """
     ft = ft or FinetuneConfig(feature_norm=True)
+    log = list(dict.fromkeys(log))
+    if log:
+        trackers.require(log)
+        if out is None:
+            raise ConfigError("--log: the trackers write beside the adapter files; give the adapter a path (--out)")
     dev = resolve_device(device)
     data = base.data
     if data.task is None:
@@ -82,13 +107,34 @@ def adapt_and_evaluate(base: Base, cfg: AdaptConfig, fraction: float = 1.0, seed
     encoder_total = sum(p.numel() for p in base.encoder.parameters())
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    t0 = time.perf_counter()
-    model, val, steps = finetune(adapted, train.subset(idx), data.split("val"), data.task, data.n_classes, base.mean,
-                                 base.std, data.name, ft, dev, seed,
-                                 encoder_lr_scale=None if cfg.strategy == "finetune" else 1.0)
-    seconds = time.perf_counter() - t0
-    scores = predict_scores(model, data.split("test").images, base.mean, base.std, dev, multi_label)
-    test = evaluate(data.split("test").labels.numpy(), scores, data.task)
+    tracked = _open_trackers(log, out, dict(
+        strategy=cfg.strategy, adapt=dataclasses.asdict(cfg), label_fraction=fraction, seed=seed, n_labels=len(idx),
+        data=data.name, base=base.source, finetune=dataclasses.asdict(ft))) if log else trackers.Trackers()
+    to_tracker = tracked.metrics_callback()
+
+    def report(record: dict[str, Any]) -> None:
+        to_tracker(record)
+        if on_metrics is not None:
+            on_metrics(record)
+
+    status = "FAILED"
+    try:
+        t0 = time.perf_counter()
+        model, val, steps = finetune(adapted, train.subset(idx), data.split("val"), data.task, data.n_classes,
+                                     base.mean, base.std, data.name, ft, dev, seed,
+                                     encoder_lr_scale=None if cfg.strategy == "finetune" else 1.0, on_metrics=report)
+        seconds = time.perf_counter() - t0
+        scores = predict_scores(model, data.split("test").images, base.mean, base.std, dev, multi_label)
+        test = evaluate(data.split("test").labels.numpy(), scores, data.task)
+        tracked.log_final(dict(trainable_params=trainable, trainable_pct=100 * trainable / encoder_total,
+                               steps=steps, train_s=seconds, **{f"val_{k}": v for k, v in val.items()},
+                               **{f"test_{k}": v for k, v in test.items()}), steps)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracked.close(status)
     result: dict[str, Any] = dict(
         strategy=cfg.strategy, data=data.name, fraction=fraction, seed=seed, n_labels=len(idx),
         trainable_params=trainable, encoder_params=encoder_total, trainable_pct=100 * trainable / encoder_total,
@@ -103,7 +149,19 @@ def adapt_and_evaluate(base: Base, cfg: AdaptConfig, fraction: float = 1.0, seed
                                  finetune=dataclasses.asdict(ft)))
         result["adapter"] = str(w)
         result["adapter_bytes"] = w.stat().st_size
+    if log:
+        result["trackers"] = str(tracker_folder(out))
     return result
+
+
+def _open_trackers(log: list[str], out: str | Path, params: dict[str, Any]) -> trackers.Trackers:
+    """The adapter's trackers in a fresh ``<adapter>.trackers`` (events and the MLflow run of an
+    adapter written there before are replaced; MLflow's store keeps the earlier runs)."""
+    folder = tracker_folder(out)
+    shutil.rmtree(folder / "tensorboard", ignore_errors=True)
+    (folder / "mlflow_run.json").unlink(missing_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return trackers.Trackers.open(log, folder, params, Path(out).name, experiment="medlatent-adapt")
 
 
 def load_adapted(base: Base, adapter: str | Path) -> Classifier:

@@ -32,10 +32,13 @@ from medlatent.cli.common import COUNT, DATA_DIR_HELP, FRACTION, NON_NEGATIVE_IN
 @click.option("--out", default=None, help="Adapter path without suffix (default: <run>/adapters/<strategy>-<data>).")
 @click.option("--data-dir", default=None, help=DATA_DIR_HELP)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--log", "log", multiple=True, metavar="TRACKER",
+              help="Also log the adapter's training to tensorboard / mlflow (repeatable), in <adapter>.trackers/ "
+                   "beside the adapter files (pip install 'medlatent[track]').")
 def adapt_cmd(source: str, data_name: str | None, strategy: str, rank: int | None, alpha: float | None,
               lora_targets: str | None, prompts: int | None, shallow: bool, fraction: float,
               old_fraction: float | None, seed: int, epochs: int | None, min_steps: int | None, heads: int | None,
-              out: str | None, data_dir: str | None, device: str) -> None:
+              out: str | None, data_dir: str | None, device: str, log: tuple[str, ...]) -> None:
     """Adapt a pretrained encoder (a run folder, or ViT weights in timm/DINO/MAE layout) to a
     labelled task, training few parameters; writes the adapter (.safetensors + .json)."""
     from medlatent.api import AdaptConfig, FinetuneConfig, adapt
@@ -45,7 +48,7 @@ def adapt_cmd(source: str, data_name: str | None, strategy: str, rank: int | Non
     cfg = AdaptConfig(strategy=strategy, deep=not shallow, **{k: v for k, v in given.items() if v is not None})
     ft = FinetuneConfig(feature_norm=True,
                         **{k: v for k, v in dict(epochs=epochs, min_steps=min_steps).items() if v is not None})
-    r = adapt(source, cfg, data_name, fraction, seed, ft, heads, out, data_dir, device)
+    r = adapt(source, cfg, data_name, fraction, seed, ft, heads, out, data_dir, device, log=log)
     if r["weights_notes"]:
         click.echo(f"weights: {r['weights_notes']}")
     click.echo(f"{strategy}: {r['trainable_params']:,} trainable parameters ({r['trainable_pct']:.2f} % of the "
@@ -53,6 +56,8 @@ def adapt_cmd(source: str, data_name: str | None, strategy: str, rank: int | Non
                f"{r['train_s']:.0f} s, peak RSS {r['peak_rss_gib']:.2f} GiB")
     click.echo(f"test ACC {r['test']['acc']:.4f}  AUC {r['test']['auc']:.4f}  (val ACC {r['val']['acc']:.4f})")
     click.echo(f"written: {r['adapter']} ({r['adapter_bytes'] / 1024:.0f} KiB) and its .json")
+    if r.get("trackers"):
+        click.echo(f"trackers: {r['trackers']}")
 
 
 @click.command()

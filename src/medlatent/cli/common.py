@@ -182,6 +182,41 @@ class ProgressLines:
             self.pending = None
 
 
+class TaskProgress:
+    """Progress of work other than training (``medlatent.progress.report``: features,
+    fine-tuning, sampling): in a terminal one line rewritten in place; otherwise a plain line
+    when a task has run ``every`` seconds since its last line, and its end if a line was shown.
+    Silent while a training bar or training lines are showing."""
+
+    def __init__(self, every: float, terminal: bool, echo: Callable[[str], None] = click.echo) -> None:
+        self.every, self.terminal, self.echo = every, terminal, echo
+        self.muted = False
+        self.task: str | None = None
+        self.started = self.last = 0.0
+        self.shown = False
+
+    def __call__(self, task: str, done: int, total: int) -> None:
+        if self.muted:
+            return
+        now = time.monotonic()
+        if task != self.task or done <= 0:
+            self.task, self.started, self.last, self.shown = task, now, now, False
+        finished = done >= total
+        line = f"{task}: {done}/{total} ({100 * done / max(total, 1):.0f}%), {now - self.started:.0f} s"
+        if self.terminal:
+            if now - self.started >= 1.0 or self.shown:
+                self.echo(f"\r{line}\033[K", nl=finished)
+                self.shown = True
+        elif now - self.last >= self.every or (finished and self.shown):
+            self.echo(line)
+            self.last, self.shown = now, True
+        if finished:
+            self.task = None
+
+
+TASKS = TaskProgress(PROGRESS_SECONDS, False)  # replaced by main() for the command being run
+
+
 def run_training(cfg: Any, output: str | None, resume: bool, overrides: dict[str, Any] | None = None) -> None:
     """Train with a progress bar (from the first step on) in a terminal, or plain progress
     lines (:class:`ProgressLines`) when stdout is a file or pipe; Ctrl-C or SIGTERM stops with
@@ -219,9 +254,11 @@ def run_training(cfg: Any, output: str | None, resume: bool, overrides: dict[str
         bar.update(task, completed=p.step, total=p.total_steps, loss=_loss_text(p.loss), ips=p.images_per_s,
                    description=f"epoch {p.epoch + 1}")
 
+    TASKS.muted = True  # the training display says enough (maps drawn during training extract features)
     try:
         run, result = run_pretraining(cfg, out, resume, on_progress, lambda: stop["asked"], overrides)
     finally:
+        TASKS.muted = False
         bar.stop()
         if lines is not None:
             lines.finish()

@@ -67,9 +67,13 @@ def embed(run: str, split: str, out: str | None, data_name: str | None, data_dir
 @click.option("--data", "data_name", default=None, help="Labelled data (default: the pretraining data).")
 @click.option("--data-dir", default=None, help=DATA_DIR_HELP)
 @click.option("--device", default="auto", show_default=True)
+@click.option("--log", "log", multiple=True, metavar="TRACKER",
+              help="Also log the fine-tuning and supervised trainings to tensorboard / mlflow (repeatable), in "
+                   "<run>/tensorboard and <run>/mlruns under <protocol>/<fraction>/seed<n>/ "
+                   "(pip install 'medlatent[track]').")
 def efficiency(run: str, fractions: tuple[float, ...], old_fractions: tuple[float, ...], seeds: int,
                protocols: tuple[str, ...], epochs: int | None, min_steps: int | None, data_name: str | None,
-               data_dir: str | None, device: str) -> None:
+               data_dir: str | None, device: str, log: tuple[str, ...]) -> None:
     """Label-efficiency curves: k-NN, linear probe, fine-tuning and the supervised baseline at
     several label fractions and seeds (mean and std), with a plot."""
     from medlatent.api import FinetuneConfig, crossover_words, label_efficiency
@@ -80,7 +84,8 @@ def efficiency(run: str, fractions: tuple[float, ...], old_fractions: tuple[floa
     def progress(fraction: float, seed: int) -> None:
         click.echo(f"  {fraction:.0%} of the labels, seed {seed}: done")
 
-    result = label_efficiency(run, fractions, tuple(range(seeds)), protocols, cfg, data_name, data_dir, device, progress)
+    result = label_efficiency(run, fractions, tuple(range(seeds)), protocols, cfg, data_name, data_dir, device, progress,
+                              log=log)
     click.echo(f"{'protocol':10} {'labels':>7}  {'test ACC':>15}  {'test AUC':>15}")
     for r in sorted(result["summary"], key=lambda r: (r["protocol"], r["fraction"])):
         click.echo(f"{r['protocol']:10} {r['fraction']:>7.0%}  {r['acc']:.4f} ± {r['acc_std']:.4f}  "

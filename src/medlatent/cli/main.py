@@ -14,8 +14,8 @@ import sys
 
 import click
 
-from medlatent import __version__
-from medlatent.cli import adapt, anomaly, data, evaluate, generate, pretrain, restore
+from medlatent import __version__, progress
+from medlatent.cli import adapt, anomaly, common, data, evaluate, generate, pretrain, restore
 from medlatent.cli import export as export_cli
 from medlatent.errors import MedlatentError
 
@@ -54,7 +54,9 @@ def main() -> None:
     """Entry point: run the CLI, turning user-fixable problems into one line and exit code 1."""
     _warnings_to_stderr()
     try:
-        code = cli.main(standalone_mode=False)
+        common.TASKS = common.TaskProgress(common.progress_seconds(), sys.stdout.isatty())
+        with progress.listening(lambda task, done, total: common.TASKS(task, done, total)):
+            code = cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

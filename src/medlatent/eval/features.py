@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from medlatent import progress
 from medlatent.augment import ops
 from medlatent.data.store import to_float
 
@@ -35,6 +36,7 @@ def extract_features(encoder: nn.Module, images: torch.Tensor, mean: list[float]
             x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             out.append(encoder(x).float().cpu())
+        progress.report("features", min(start + batch_size, len(images)), len(images))
     encoder.train(was_training)
     return torch.cat(out)
 

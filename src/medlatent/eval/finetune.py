@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medlatent import progress
 from medlatent.augment.views import ViewRecipe, geometric_only, resolve
 from medlatent.config import ViewConfig
 from medlatent.data.catalogue import MULTI_LABEL
@@ -158,6 +159,7 @@ def finetune(encoder: nn.Module, train: ImageSet, val: ImageSet, task: str, n_ou
             loss.backward()
             opt.step()
             step += 1
+            progress.report("fine-tuning", step, total)
             if step % cfg.eval_every == 0 or step == total:
                 scores = predict_scores(model, val.images, mean, std, device, multi_label, autocast_dtype, channels_last)
                 metrics = evaluate(val.labels.numpy(), scores, task)

@@ -127,9 +127,12 @@ class RunEvaluation:
         return rows
 
     def trained_rows(self, fraction: float, seed: int, splits: tuple[str, ...], cfg: FinetuneConfig,
-                     supervised: bool) -> list[dict]:
+                     supervised: bool, on_metrics: Any = None) -> list[dict]:
         """Fine-tuning of the pretrained encoder, or (supervised=True) the same architecture
-        trained from scratch, on a label subset; evaluated at its best val epoch."""
+        trained from scratch, on a label subset; evaluated at its best val epoch.
+
+        ``on_metrics(record)``: finetune's record at every validation (step, loss, lr, val_*),
+        then one at the last step with each split's metrics of the best model (``test_acc``, ...)."""
         from medlatent.eval.features import predict_scores
         from medlatent.nets.backbones import build_backbone
 
@@ -143,7 +146,7 @@ class RunEvaluation:
         model, _, steps = finetune(encoder, train.subset(idx), self.split("val"), self.task, self.data.n_classes,
                                    self.mean, self.std, self.data.name, cfg, self.device, seed,
                                    encoder_lr_scale=1.0 if supervised else None, autocast_dtype=self.autocast,
-                                   channels_last=self.channels_last)
+                                   channels_last=self.channels_last, on_metrics=on_metrics)
         rows = []
         for s in splits:
             scores = predict_scores(model, self.split(s).images, self.mean, self.std, self.device, self.multi_label,
@@ -151,6 +154,9 @@ class RunEvaluation:
             rows.append(dict(protocol="supervised" if supervised else "finetune", split=s, fraction=fraction,
                              seed=seed, n_labels=len(idx), steps=steps,
                              **evaluate(self.split(s).labels.numpy(), scores, self.task)))
+        if on_metrics is not None:
+            on_metrics(dict(step=steps, **{f"{r['split']}_{m}": r[m] for r in rows
+                                           for m in ("acc", "auc", "balanced_acc") if m in r}))
         return rows
 
     def probe(self, splits: tuple[str, ...] = ("val", "test"), fractions: tuple[float, ...] = (1.0,),
@@ -166,9 +172,13 @@ class RunEvaluation:
     def label_efficiency(self, fractions: tuple[float, ...] = (0.01, 0.1, 0.25, 1.0), seeds: tuple[int, ...] = (0, 1, 2),
                          protocols: tuple[str, ...] = ("knn", "linear", "finetune", "supervised"),
                          cfg: FinetuneConfig | None = None, splits: tuple[str, ...] = ("test",),
-                         progress: Any = None) -> dict[str, Any]:
+                         progress: Any = None, on_metrics: Any = None) -> dict[str, Any]:
         """Every protocol at every label fraction and seed; mean and std over seeds. Written to
-        ``<run>/label_efficiency.json``."""
+        ``<run>/label_efficiency.json``.
+
+        ``on_metrics(prefix, record)``: the records of each fine-tuning and supervised training
+        (see :meth:`trained_rows`), with ``prefix`` ``"<protocol>/<fraction>/seed<seed>/"``
+        (``"finetune/0.1/seed0/"``)."""
         unknown = set(protocols) - {"knn", "linear", "finetune", "supervised"}
         if unknown:
             raise ConfigError(f"unknown protocol(s) {', '.join(sorted(unknown))} (known: knn, linear, finetune, supervised)")
@@ -180,7 +190,10 @@ class RunEvaluation:
                     rows += [r for r in self.frozen_rows(fraction, seed, splits) if r["protocol"] in protocols]
                 for supervised, name in ((False, "finetune"), (True, "supervised")):
                     if name in protocols:
-                        rows += self.trained_rows(fraction, seed, splits, cfg, supervised)
+                        prefix = f"{name}/{fraction:g}/seed{seed}/"
+                        report = None if on_metrics is None else (
+                            lambda record, prefix=prefix: on_metrics(prefix, record))
+                        rows += self.trained_rows(fraction, seed, splits, cfg, supervised, report)
                 if progress is not None:
                     progress(fraction, seed)
         summary = summarise(rows)

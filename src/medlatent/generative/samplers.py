@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from medlatent import progress
 from medlatent.generative.schedule import NoiseSchedule
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (x_t, t, labels) -> eps
@@ -113,4 +114,5 @@ def sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], 
         else:
             t_prev = times[i + 1] if i + 1 < len(times) else -1
             x = ddim_step(schedule, x, t, t_prev, eps, eta, generator).prev
+        progress.report("sampling", i + 1, len(times))
     return x
