@@ -636,9 +636,9 @@ def evaluate_samples(run_dir: str | Path, n: int = 1000, guidance: float = 1.0, 
                      classifier_epochs: int = 15, classifier_min_steps: int = 300, data_dir: str | None = None,
                      device: str = "auto") -> dict[str, Any]:
     """Frechet distance, precision/recall, TSTR vs TRTR and memorisation of a generative run."""
-    from medlatent.generative.evaluate import evaluate_run
+    from medlatent.generative.evaluate import judge_run
 
-    return evaluate_run(run_dir, n, guidance, steps, 0, classifier_epochs, data_dir, device, classifier_min_steps)
+    return judge_run(run_dir, n, guidance, steps, 0, classifier_epochs, data_dir, device, classifier_min_steps)
 
 
 def synthetic_augmentation(run_dir: str | Path, fractions: tuple[float, ...] = (0.01, 0.1), n_synthetic: int = 2000,
@@ -691,9 +691,9 @@ def evaluate_restoration(run_dir: str | Path, diffusion_run: str | None = None, 
                          device: str = "auto") -> dict[str, Any]:
     """PSNR and SSIM per degradation level: degraded input, the run's restorer (+ data
     consistency), classical filters, and optionally diffusion and an autoencoder."""
-    from medlatent.restore.evaluate import evaluate_run
+    from medlatent.restore.evaluate import benchmark_run
 
-    return evaluate_run(str(run_dir), diffusion_run, n, steps, data_dir, device, autoencoder_run)
+    return benchmark_run(str(run_dir), diffusion_run, n, steps, data_dir, device, autoencoder_run)
 
 
 def rate_distortion(runs: list[str], n: int = 500, out: str = "rate_distortion.png",

@@ -8,14 +8,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from medlatent.train.checkpoint import save_tensors, write_json_atomic
 from medlatent.adapt.strategies import AdaptConfig
 from medlatent.config import from_dict
 from medlatent.errors import CheckpointError
@@ -57,12 +57,8 @@ def save_adapter(path: str | Path, model: nn.Module, cfg: AdaptConfig, base_hash
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     weights, meta = adapter_files(path)
-    tmp = weights.with_name(f".{weights.name}.tmp-{os.getpid()}")
-    save_file(trainable_state(model), str(tmp))
-    os.replace(tmp, weights)
-    tmp = meta.with_name(f".{meta.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(dict(adapt=dataclasses.asdict(cfg), base_hash=base_hash, **(extra or {})), indent=2))
-    os.replace(tmp, meta)
+    save_tensors(trainable_state(model), weights)
+    write_json_atomic(meta, dict(adapt=dataclasses.asdict(cfg), base_hash=base_hash, **(extra or {})))
     return weights, meta
 
 

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from medlatent.train.checkpoint import write_json_atomic
 from medlatent.anomaly.scores import knn_distance, pixel_scores
 from medlatent.anomaly.thresholds import operating_point, ranking, threshold
 from medlatent.data.store import Dataset, to_float
@@ -181,8 +182,6 @@ def evaluate_detector(run_dir: str | Path, data: Dataset, normal: list[int], cfg
 
 def write_outputs(result: dict[str, Any], images: torch.Tensor, out_dir: Path) -> dict[str, Any]:
     """Per-image scores (CSV), a heatmap figure of the highest-scoring images, and the JSON."""
-    import json
-
     from medlatent.eval.maps import display_images
     from medlatent.report.figures import heatmap_figure
 
@@ -203,7 +202,5 @@ def write_outputs(result: dict[str, Any], images: torch.Tensor, out_dir: Path) -
             [f"{'anomaly' if is_anomaly[i] else 'normal'} {scores[i]:.3g}" for i in pick.tolist()],
             f"{result['data']}: highest (left) and lowest anomaly scores - {result['detector']}",
             out_dir / "heatmaps.png"))
-    tmp = out_dir / f".anomaly.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out_dir / "anomaly.json")
+    write_json_atomic(out_dir / "anomaly.json", result)
     return result

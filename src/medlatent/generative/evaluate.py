@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from medlatent.train.checkpoint import save_tensors, write_json_atomic
 from medlatent.data.store import Dataset, ImageSet, save_npz
 from medlatent.errors import ConfigError
 from medlatent.eval.features import extract_features, predict_scores
@@ -103,7 +104,7 @@ def domain_classifier(data: Dataset, mean: list[float], std: list[float], device
     """The supervised classifier on the real training split, trained once per data set and cached
     (``$MEDLATENT_CACHE/domain``, default ``~/.cache/medlatent/domain``), keyed by the content of
     the train and val splits (``data_digest``), so two ``data.npz`` files never share one."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     name = f"{Path(data.name).name}-{data_digest(data)}-{DOMAIN_BACKBONE}-{data.image_size}px-e{epochs}-s{min_steps}"
     path = _cache_dir() / f"{name}.safetensors"
@@ -116,9 +117,7 @@ def domain_classifier(data: Dataset, mean: list[float], std: list[float], device
         return model.to(device).eval(), name
     model = train_classifier(data.split("train"), data, mean, std, device, epochs, 0, min_steps)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    save_tensors(model.state_dict(), path)
     return model, name
 
 
@@ -190,11 +189,7 @@ def _shape(meta: dict[str, Any]) -> tuple[int, ...]:
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> Path:
-    import json
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, obj)
     return path
 
 
@@ -223,7 +218,7 @@ def sample_run(run_dir: str | Path, n: int = 1000, class_index: int | None = Non
     return dict(samples=str(path), grid=str(grid), n=n, samples_per_s=rate, step=step)
 
 
-def evaluate_run(run_dir: str | Path, n: int = 1000, guidance: float = 1.0, steps: int = 50, seed: int = 0,
+def judge_run(run_dir: str | Path, n: int = 1000, guidance: float = 1.0, steps: int = 50, seed: int = 0,
                  classifier_epochs: int = 15, data_dir: str | None = None, device: str = "auto",
                  min_steps: int = 300) -> dict[str, Any]:
     """Sample n images and judge them against the run's data; writes ``generation_eval.json``,

@@ -93,11 +93,18 @@ def sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], 
     """
     top = schedule.steps - 1 if t_start is None else t_start
     x = torch.randn(shape, generator=generator, device=device) if x_start is None else x_start  # x_T or x_{t_start}
-    if sampler == "ddpm":
+    if sampler == "ddpm":  # every step, Eq. 11 of Ho et al. 2020
         times = list(range(top, -1, -1))
-    elif sampler == "ddim":
+
+        def step(x: torch.Tensor, i: int, t: int, eps: torch.Tensor) -> torch.Tensor:
+            return ddpm_step(schedule, x, t, eps, generator).prev
+    elif sampler == "ddim":  # an evenly spaced subset, Eq. 12 of Song et al. 2021
         n = min(steps or 50, top + 1)
         times = torch.linspace(top, 0, n).round().long().unique_consecutive().tolist()
+
+        def step(x: torch.Tensor, i: int, t: int, eps: torch.Tensor) -> torch.Tensor:
+            t_prev = times[i + 1] if i + 1 < len(times) else -1
+            return ddim_step(schedule, x, t, t_prev, eps, eta, generator).prev
     else:
         raise ValueError(f"unknown sampler {sampler!r} (ddpm, ddim)")
     for i, t in enumerate(times):
@@ -109,10 +116,6 @@ def sample(denoiser: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], 
             x0 = x0_transform(x0) if x0_transform is not None else x0
             ab = schedule.alpha_bar(tt, x.dim())
             eps = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-        if sampler == "ddpm":
-            x = ddpm_step(schedule, x, t, eps, generator).prev
-        else:
-            t_prev = times[i + 1] if i + 1 < len(times) else -1
-            x = ddim_step(schedule, x, t, t_prev, eps, eta, generator).prev
+        x = step(x, i, t, eps)
         progress.report("sampling", i + 1, len(times))
     return x

@@ -147,7 +147,7 @@ def level_name(task: str, level: float) -> str:
 
 
 @torch.no_grad()
-def evaluate_run(run_dir: str, diffusion_run: str | None = None, n: int = 500, diffusion_steps: int = 20,
+def benchmark_run(run_dir: str, diffusion_run: str | None = None, n: int = 500, diffusion_steps: int = 20,
                  data_dir: str | None = None, device: str = "auto",
                  autoencoder_run: str | None = None) -> dict[str, Any]:
     """``benchmark`` on the first n test images of the run's data; writes ``restore_eval.json``
