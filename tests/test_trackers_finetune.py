@@ -14,6 +14,7 @@ import pytest
 
 from medlatent import api
 
+from test_trackers import tensorboard_params
 from conftest import invoke, run_cli, write_stripes_npz
 
 pytest.importorskip("tensorboard")
@@ -52,14 +53,6 @@ def events(folder: Path):
     ea = EventAccumulator(str(folder), size_guidance={"scalars": 0, "tensors": 0})
     ea.Reload()
     return ea
-
-
-def tensorboard_params(ea) -> dict:
-    from tensorboard.plugins.hparams import plugin_data_pb2
-
-    content = ea.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-    hp = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
-    return {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in hp.items()}
 
 
 def assert_close(logged: list[tuple[int, float]], records: list[dict], key: str) -> None:
