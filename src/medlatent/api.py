@@ -79,7 +79,8 @@ def run_pretraining(config: PretrainConfig | Mapping[str, Any] | None = None, ou
                     on_progress: Callable[[Progress], None] | None = None,
                     should_stop: Callable[[], bool] | None = None,
                     overrides: dict[str, Any] | None = None) -> tuple[Path, FitResult]:
-    """Pretrain an encoder without labels; returns the run folder and how training ended.
+    """Train a run of any family (an encoder without labels, a generative model, a restorer, an
+    anomaly detector); returns the run folder and how training ended.
 
     Everything that can be checked is checked before the run folder is created (config ranges,
     data, batch size against the split, memory), so a refused run leaves nothing behind. The

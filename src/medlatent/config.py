@@ -361,7 +361,8 @@ class ViewConfig:
 
 @dataclass
 class PretrainConfig:
-    """Everything a pretraining run needs; written resolved into the run folder."""
+    """Everything a training run of any family needs (the name is historical: it also describes
+    generative, restoration and anomaly-detector runs); written resolved into the run folder."""
 
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
