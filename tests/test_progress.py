@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medlatent.cli import common
+from medlatent.cli import display
 from medlatent.train.loop import Progress, _Window
 
 from conftest import run_cli, write_stripes_npz
@@ -27,18 +27,18 @@ def progress(step: int, loss: float | None, total: int = 600, eta: float = 92.4)
 
 
 def test_line_reads_like_the_issue():
-    assert common.progress_line(progress(120, 4.12341)) == \
+    assert display.progress_line(progress(120, 4.12341)) == \
         "step 120/600 (20%), epoch 3, loss 4.1234, 250 img/s, ETA 0:01:32"
-    assert common.progress_line(progress(1, None)) == "step 1/600 (0%), epoch 3, loss -, 250 img/s, ETA 0:01:32"
-    assert "loss -" in common.progress_line(progress(1, float("nan")))
-    assert common.progress_line(progress(1, 1.0, eta=float("inf"))).endswith("ETA -")
+    assert display.progress_line(progress(1, None)) == "step 1/600 (0%), epoch 3, loss -, 250 img/s, ETA 0:01:32"
+    assert "loss -" in display.progress_line(progress(1, float("nan")))
+    assert display.progress_line(progress(1, 1.0, eta=float("inf"))).endswith("ETA -")
 
 
 def test_lines_at_first_window_every_n_seconds_and_at_the_end(monkeypatch: pytest.MonkeyPatch):
     clock = [100.0]
-    monkeypatch.setattr(common.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(display.time, "monotonic", lambda: clock[0])
     printed: list[str] = []
-    lines = common.ProgressLines(30.0, printed.append)
+    lines = display.ProgressLines(30.0, printed.append)
 
     def at(t: float, step: int, loss: float | None) -> None:
         clock[0] = 100.0 + t
@@ -57,7 +57,7 @@ def test_lines_at_first_window_every_n_seconds_and_at_the_end(monkeypatch: pytes
     assert len(printed) == 3
 
     stopped: list[str] = []
-    early = common.ProgressLines(30.0, stopped.append)
+    early = display.ProgressLines(30.0, stopped.append)
     clock[0] = 0.0
     early(progress(5, None, total=50))
     clock[0] = 31.0
@@ -70,12 +70,12 @@ def test_lines_at_first_window_every_n_seconds_and_at_the_end(monkeypatch: pytes
 
 def test_progress_seconds_from_the_environment(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("MEDLATENT_PROGRESS_SECONDS", raising=False)
-    assert common.progress_seconds() == 30.0
+    assert display.progress_seconds() == 30.0
     monkeypatch.setenv("MEDLATENT_PROGRESS_SECONDS", "2.5")
-    assert common.progress_seconds() == 2.5
+    assert display.progress_seconds() == 2.5
     monkeypatch.setenv("MEDLATENT_PROGRESS_SECONDS", "soon")
-    with pytest.raises(common.ConfigError, match="MEDLATENT_PROGRESS_SECONDS: 'soon'"):
-        common.progress_seconds()
+    with pytest.raises(display.ConfigError, match="MEDLATENT_PROGRESS_SECONDS: 'soon'"):
+        display.progress_seconds()
 
 
 def test_bad_progress_seconds_is_one_line_before_anything_is_written(tmp_path: Path, capsys,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from medlatent import progress
-from medlatent.cli.common import TaskProgress
+from medlatent.cli.display import TaskProgress
 
 from conftest import run_cli, write_stripes_npz
 
@@ -27,7 +27,7 @@ def test_reports_reach_listeners_only_inside_the_block():
 
 def test_plain_lines_every_n_seconds_and_the_end(monkeypatch: pytest.MonkeyPatch):
     clock = iter([0.0, 1.0, 5.0, 6.0, 12.0, 100.0, 100.5])
-    monkeypatch.setattr("medlatent.cli.common.time.monotonic", lambda: next(clock))
+    monkeypatch.setattr("medlatent.cli.display.time.monotonic", lambda: next(clock))
     lines: list[str] = []
     tasks = TaskProgress(5.0, terminal=False, echo=lines.append)
     for done in (1, 2, 3, 4, 5):  # at t = 0, 1, 5, 6, 12

@@ -1,23 +1,21 @@
 """What every command module shares: flag value ranges, the training flags (one spelling per
 idea), turning flags + ``--config`` + ``--set`` into a config mapping, and running a training
-with a progress bar. Nothing here decides a model's defaults: those live in its spec and are
+with a progress display (:mod:`medlatent.cli.display`). Nothing here decides a model's defaults: those live in its spec and are
 applied by :func:`medlatent.api.make_config`.
 """
 
 from __future__ import annotations
 
-import datetime
 import logging
-import math
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
+from medlatent.cli import display
 from medlatent.config import apply_set, load_yaml
 from medlatent.errors import ConfigError
 
@@ -121,102 +119,6 @@ def train(kwargs: dict[str, Any], extra: dict[str, Any], changing: dict[str, Any
                  kwargs.get("output"), False)
 
 
-PROGRESS_SECONDS = 30.0  # a plain progress line this often when stdout is not a terminal
-
-
-def progress_line(p: Any) -> str:
-    """``step 120/600 (20%), epoch 3, loss 4.1234, 250 img/s, ETA 0:01:32`` from a training
-    Progress; ``loss -`` until the first logged window (the loss is that window's mean)."""
-    pct = 100 * p.step / max(p.total_steps, 1)
-    return (f"step {p.step}/{p.total_steps} ({pct:.0f}%), epoch {p.epoch + 1}, loss {_loss_text(p.loss)}, "
-            f"{p.images_per_s:.0f} img/s, ETA {_eta_text(p.eta_s)}")
-
-
-def _loss_text(loss: float | None) -> str:
-    return "-" if loss is None or not math.isfinite(loss) else f"{loss:.4f}"
-
-
-def _eta_text(seconds: float) -> str:
-    return str(datetime.timedelta(seconds=round(seconds))) if math.isfinite(seconds) and seconds < 1e8 else "-"
-
-
-def progress_seconds() -> float:
-    """Seconds between plain progress lines: $MEDLATENT_PROGRESS_SECONDS, else 30."""
-    raw = os.environ.get("MEDLATENT_PROGRESS_SECONDS", "").strip()
-    if not raw:
-        return PROGRESS_SECONDS
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value < 0:
-        raise ConfigError(f"MEDLATENT_PROGRESS_SECONDS: {raw!r} is not a number of seconds >= 0")
-    return value
-
-
-class ProgressLines:
-    """Progress as plain lines for a log file: the first logged window, then one line every
-    ``every`` seconds, and the last step (:meth:`finish` prints it if the run stopped early)."""
-
-    def __init__(self, every: float, echo: Callable[[str], None] = click.echo) -> None:
-        self.every, self.echo = every, echo
-        self.last_line: float | None = None  # when the last line was printed (or the first step came)
-        self.logged = False  # a line with a loss has been printed
-        self.pending: Any = None  # the newest Progress not yet printed
-
-    def __call__(self, p: Any) -> None:
-        now = time.monotonic()
-        if self.last_line is None:
-            self.last_line = now
-        first_window = p.loss is not None and not self.logged
-        if first_window or p.step >= p.total_steps or now - self.last_line >= self.every:
-            self.echo(progress_line(p))
-            self.logged = self.logged or p.loss is not None
-            self.last_line, self.pending = now, None
-        else:
-            self.pending = p
-
-    def finish(self) -> None:
-        if self.pending is not None:
-            self.echo(progress_line(self.pending))
-            self.pending = None
-
-
-class TaskProgress:
-    """Progress of work other than training (``medlatent.progress.report``: features,
-    fine-tuning, sampling): in a terminal one line rewritten in place; otherwise a plain line
-    when a task has run ``every`` seconds since its last line, and its end if a line was shown.
-    Silent while a training bar or training lines are showing."""
-
-    def __init__(self, every: float, terminal: bool, echo: Callable[[str], None] = click.echo) -> None:
-        self.every, self.terminal, self.echo = every, terminal, echo
-        self.muted = False
-        self.task: str | None = None
-        self.started = self.last = 0.0
-        self.shown = False
-
-    def __call__(self, task: str, done: int, total: int) -> None:
-        if self.muted:
-            return
-        now = time.monotonic()
-        if task != self.task or done <= 0:
-            self.task, self.started, self.last, self.shown = task, now, now, False
-        finished = done >= total
-        line = f"{task}: {done}/{total} ({100 * done / max(total, 1):.0f}%), {now - self.started:.0f} s"
-        if self.terminal:
-            if now - self.started >= 1.0 or self.shown:
-                self.echo(f"\r{line}\033[K", nl=finished)
-                self.shown = True
-        elif now - self.last >= self.every or (finished and self.shown):
-            self.echo(line)
-            self.last, self.shown = now, True
-        if finished:
-            self.task = None
-
-
-TASKS = TaskProgress(PROGRESS_SECONDS, False)  # replaced by main() for the command being run
-
-
 def run_training(cfg: Any, output: str | None, resume: bool, overrides: dict[str, Any] | None = None) -> None:
     """Train with a progress bar (from the first step on) in a terminal, or plain progress
     lines (:class:`ProgressLines`) when stdout is a file or pipe; Ctrl-C or SIGTERM stops with
@@ -234,7 +136,7 @@ def run_training(cfg: Any, output: str | None, resume: bool, overrides: dict[str
 
     main_process = int(os.environ.get("RANK", "0")) == 0  # torchrun sets RANK; only rank 0 draws
     terminal = sys.stdout.isatty()
-    lines = ProgressLines(progress_seconds()) if main_process and not terminal else None
+    lines = display.ProgressLines(display.progress_seconds()) if main_process and not terminal else None
     signal.signal(signal.SIGINT, ask_stop)
     signal.signal(signal.SIGTERM, ask_stop)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -250,15 +152,15 @@ def run_training(cfg: Any, output: str | None, resume: bool, overrides: dict[str
             return
         if task is None:
             bar.start()
-            task = bar.add_task("pretrain", total=p.total_steps, loss=_loss_text(p.loss), ips=p.images_per_s)
-        bar.update(task, completed=p.step, total=p.total_steps, loss=_loss_text(p.loss), ips=p.images_per_s,
+            task = bar.add_task("pretrain", total=p.total_steps, loss=display._loss_text(p.loss), ips=p.images_per_s)
+        bar.update(task, completed=p.step, total=p.total_steps, loss=display._loss_text(p.loss), ips=p.images_per_s,
                    description=f"epoch {p.epoch + 1}")
 
-    TASKS.muted = True  # the training display says enough (maps drawn during training extract features)
+    display.TASKS.muted = True  # the training display says enough (maps drawn during training extract features)
     try:
         run, result = run_pretraining(cfg, out, resume, on_progress, lambda: stop["asked"], overrides)
     finally:
-        TASKS.muted = False
+        display.TASKS.muted = False
         bar.stop()
         if lines is not None:
             lines.finish()

@@ -15,7 +15,7 @@ import sys
 import click
 
 from medlatent import __version__, progress
-from medlatent.cli import adapt, anomaly, common, data, evaluate, generate, pretrain, restore
+from medlatent.cli import adapt, anomaly, data, display, evaluate, generate, pretrain, restore
 from medlatent.cli import export as export_cli
 from medlatent.errors import MedlatentError
 
@@ -54,8 +54,8 @@ def main() -> None:
     """Entry point: run the CLI, turning user-fixable problems into one line and exit code 1."""
     _warnings_to_stderr()
     try:
-        common.TASKS = common.TaskProgress(common.progress_seconds(), sys.stdout.isatty())
-        with progress.listening(lambda task, done, total: common.TASKS(task, done, total)):
+        display.TASKS = display.TaskProgress(display.progress_seconds(), sys.stdout.isatty())
+        with progress.listening(lambda task, done, total: display.TASKS(task, done, total)):
             code = cli.main(standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
