@@ -200,7 +200,7 @@ def prepare_image(path: Path, size: int, spatial_dims: int, normalize: Normalize
                         + (" (use --spatial-dims 3 for volumes)" if a.ndim - 1 > spatial_dims else ""))
     keep_uint8 = normalize == "none" and a.dtype == np.uint8
     x = torch.from_numpy(_scale(a, normalize, window, percentiles).astype(np.float32))[None]  # (1, C, *S)
-    x = _center_square(x)
+    x = center_square(x)
     mode = "bilinear" if spatial_dims == 2 else "trilinear"
     x = F.interpolate(x, size=(size,) * spatial_dims, mode=mode, align_corners=False,
                       antialias=spatial_dims == 2 and x.shape[-1] > size)
@@ -227,8 +227,8 @@ def _scale(a: np.ndarray, normalize: Normalize, window: tuple[float, float],
     return (x - lo) / max(hi - lo, 1e-6)
 
 
-def _center_square(x: torch.Tensor) -> torch.Tensor:
-    """Centre-crop the spatial dims of (1, C, *S) to the smallest side."""
+def center_square(x: torch.Tensor) -> torch.Tensor:
+    """Centre-crop the spatial dims of (B, C, *S) to the smallest side (as MedMNIST does)."""
     side = min(x.shape[2:])
     slices = [slice(None), slice(None)]
     for s in x.shape[2:]:

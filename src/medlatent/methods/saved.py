@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from medlatent.config import PretrainConfig, from_dict
+from medlatent.data.folders import center_square
 from medlatent.errors import CheckpointError, DataError
 from medlatent.methods.contract import BuildContext
 from medlatent.methods.registry import get_method, upgrade_saved_options
@@ -158,14 +159,8 @@ class LoadedEncoder(nn.Module):
         elif c != self.in_channels:
             raise DataError(f"{self.run}: images have {c} channels but the encoder takes {self.in_channels}"
                             + (" (convert RGB to grayscale first)" if self.in_channels == 1 else ""))
-        size = (self.image_size,) * self.spatial_dims
-        if tuple(x.shape[2:]) != size:
-            x = _center_square(x)
-            if x.shape[2] != self.image_size:
-                mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
-                x = torch.nn.functional.interpolate(x, size=size, mode=mode, align_corners=False,
-                                                    antialias=self.spatial_dims == 2 and x.shape[2] > self.image_size)
-            x = x.clamp(0, 1)
+        if tuple(x.shape[2:]) != (self.image_size,) * self.spatial_dims:
+            x = ops.center_resize(center_square(x), self.image_size).clamp(0, 1)
         return ops.normalize(x, torch.tensor(self.mean, device=x.device), torch.tensor(self.std, device=x.device))
 
     @torch.no_grad()
@@ -241,13 +236,6 @@ def _unit_range(x: torch.Tensor) -> torch.Tensor:
         info = torch.iinfo(x.dtype)
         return (x.double().clamp_(min=0) / info.max).float()
     return x.float()
-
-
-def _center_square(x: torch.Tensor) -> torch.Tensor:
-    """Centre-crop the spatial dims of (B, C, *S) to the smallest side."""
-    side = min(x.shape[2:])
-    index = [slice(None), slice(None)] + [slice((s - side) // 2, (s - side) // 2 + side) for s in x.shape[2:]]
-    return x[tuple(index)]
 
 
 def open_encoder(run_dir: str | Path, device: str | torch.device = "cpu") -> LoadedEncoder:
