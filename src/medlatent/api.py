@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -24,7 +25,7 @@ import torch.nn as nn
 from medlatent import dist
 from medlatent.adapt.strategies import AdaptConfig
 from medlatent.config import DataConfig, PretrainConfig, check_ranges, from_dict, to_dict
-from medlatent.data.sources import load_dataset
+from medlatent.data.sources import describe_data, load_dataset
 from medlatent.data.store import Dataset, channel_stats
 from medlatent.errors import ConfigError, DataError
 from medlatent.eval.finetune import FinetuneConfig
@@ -35,6 +36,8 @@ from medlatent.train import checkpoint, trackers
 from medlatent.train.loop import FitResult, Progress, fit
 from medlatent.train.precision import resolve_channels_last, resolve_device, resolve_precision, trunk
 from medlatent.train.runs import RunDir, environment
+
+_log = logging.getLogger("medlatent")
 
 
 def default_output(cfg: PretrainConfig) -> Path:
@@ -220,8 +223,10 @@ def _plan(cfg: PretrainConfig) -> _Plan:
             raise DataError(f"{data.source or data.name}: no {cfg.data.split} images of classes {cfg.data.classes}")
         train_split = train_split.subset(keep.nonzero()[:, 0])
     images = train_split.images
-    if data.image_size != cfg.data.size:
+    if cfg.data.size is not None and data.image_size != cfg.data.size:
         raise DataError(f"{data.source}: images are {data.image_size} px but data.size is {cfg.data.size}")
+    cfg.data.size = data.image_size  # the run records the side it used
+    _log.info(describe_data(data, cfg.data.split, len(images)))
     if len(images) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(images)} "
                           f"{cfg.data.split} images of {data.source or data.name}; lower --batch-size")
@@ -232,6 +237,9 @@ def _plan(cfg: PretrainConfig) -> _Plan:
     if spec.uses_labels and getattr(options, "conditional", False) and data.task is not None \
             and not data.task.startswith("multi-label"):
         labels = train_split.labels[:, 0]
+        if bool((labels < 0).any()):
+            raise DataError(f"{data.source or data.name}: {int((labels < 0).sum())} {cfg.data.split} images have "
+                            "no label; a class-conditional model needs every image labelled")
     n_classes = data.n_classes if labels is not None else 0
     context = BuildContext(len(images), cfg.train.batch_size, data.image_size, data.channels, data.spatial_dims,
                            n_classes)
@@ -240,6 +248,8 @@ def _plan(cfg: PretrainConfig) -> _Plan:
         mean, std = [0.5] * data.channels, [0.5] * data.channels
     elif spec.pixel_range == "unit":  # images as they are, in [0, 1]
         mean, std = [0.0] * data.channels, [1.0] * data.channels
+    elif data.stats is not None and cfg.data.classes is None and cfg.data.split == "train":
+        mean, std = data.stats  # computed once when the store was prepared
     else:
         mean, std = channel_stats(images)
     recipe = ViewRecipe(spec.views(resolve(cfg.views, data.name), cfg.data.size, options), mean, std)
@@ -605,6 +615,47 @@ def download(names: list[str], size: int = 28, data_dir: str | None = None) -> l
     from medlatent.data.download import fetch
 
     return [fetch(get_info(name), size, data_dir) for name in names]
+
+
+def prepare_store(source: str | Path, output: str | Path, labels: str | Path | None = None,
+                  columns: Mapping[str, str] | None = None, group_by: str | None = None,
+                  classes: list[str] | None = None, overwrite: bool = False, **options: Any) -> Any:
+    """Decode a folder or CSV manifest once into a memory-mapped store (``data prepare``).
+
+    Args:
+        source: an image folder (split, class or flat layout) or a CSV with one row per image.
+        output: the store folder to write (published atomically; reused when the inputs match).
+        labels: for a flat folder, a CSV of ``path,label[,split][,group]`` relative to it.
+        columns: CSV column names, e.g. ``{"path": "filename", "label": "diagnosis",
+            "split": "fold", "group": "patient_id"}``.
+        group_by: the group column of a CSV, or "parent" (each image's folder) for a folder.
+        classes: the class names in label order (a label outside them is an error).
+        options: :class:`medlatent.data.prepare.PrepareConfig` fields (size, workers, split, ...).
+
+    Returns:
+        :class:`medlatent.data.prepare.PreparedStore`.
+    """
+    from medlatent.data import manifest as mf
+    from medlatent.data.prepare import PrepareConfig, prepare
+
+    cfg = from_dict(PrepareConfig, dict(options), "prepare")
+    cols = dict(columns or {})
+    unknown = set(cols) - {"path", "label", "split", "group"}
+    if unknown:
+        raise ConfigError(f"columns: unknown key(s) {sorted(unknown)} (known: path, label, split, group)")
+    src = Path(source)
+    names = dict(path_col=cols.get("path", "path"), label_col=cols.get("label", "label"),
+                 split_col=cols.get("split", "split"), classes=classes)
+    group_col = cols.get("group") or (group_by if group_by != "parent" else None)
+    if src.is_file():
+        m = mf.read_csv(src, group_col=group_col, **names)
+    elif src.is_dir() and labels is not None:
+        m = mf.read_manifest(src, labels=labels, group_col=group_col, **names)
+    elif src.is_dir():
+        m = mf.read_folder(src, group_by=group_by)
+    else:
+        raise DataError(f"{src}: no such folder or CSV file")
+    return prepare(m, output, cfg, overwrite=overwrite)
 
 
 # ------------------------------------------------------------------------- evaluation extras

@@ -32,11 +32,11 @@ DATA_DIR_HELP = "Data folder (default: $MEDLATENT_DATA, else ~/.cache/medlatent)
 
 # Flags every training command takes, and the config key each sets.
 TRAINING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--data", "data.name", dict(help="MedMNIST subset, .npz file or image folder. [default: bloodmnist]")),
+    ("--data", "data.name", dict(help="MedMNIST subset, .npz file, prepared store or image folder. [default: bloodmnist]")),
     ("--epochs", "train.epochs", dict(type=POSITIVE, help="Epochs over the training split; fractions allowed.")),
     ("--batch-size", "train.batch_size", dict(type=BATCH, help="Global batch size. [default: the method's]")),
     ("--lr", "optim.lr", dict(type=POSITIVE, help="Peak learning rate for batch 256. [default: the method's]")),
-    ("--size", "data.size", dict(type=SIDE, help="Image side in pixels. [default: 28]")),
+    ("--size", "data.size", dict(type=SIDE, help="Image side in pixels. [default: the data's own; 28 for MedMNIST]")),
     ("--seed", "train.seed", dict(type=NON_NEGATIVE_INT)),
     ("--precision", "train.precision", dict(type=click.Choice(["auto", "fp32", "bf16"]))),
     ("--device", "train.device", dict(help="auto, cpu, cuda, cuda:1 ...")),

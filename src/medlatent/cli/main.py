@@ -10,6 +10,7 @@ so ``medlatent --help`` answers at once.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -36,17 +37,21 @@ def _one_line(text: str) -> str:
 
 
 class _Echo(logging.Handler):
-    """Library warnings as ``warning: ...`` lines on the current stderr."""
+    """Library warnings as ``warning: ...`` lines on the current stderr; notes (what a run
+    uses: its data and image size) as plain lines on stdout, from the main process only."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        click.echo(f"warning: {_one_line(record.getMessage())}", err=True)
+        if record.levelno >= logging.WARNING:
+            click.echo(f"warning: {_one_line(record.getMessage())}", err=True)
+        elif os.environ.get("RANK", "0") == "0":
+            click.echo(_one_line(record.getMessage()))
 
 
 def _warnings_to_stderr() -> None:
     log = logging.getLogger("medlatent")
     if not any(isinstance(h, _Echo) for h in log.handlers):
         log.addHandler(_Echo())
-    log.setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
     log.propagate = False
 
 

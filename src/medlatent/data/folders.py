@@ -88,6 +88,17 @@ def load_folder(root: str | Path, size: int = 28, spatial_dims: int = 2,
     return Dataset(root.name, task, tuple(class_names), splits, str(root))
 
 
+def first_image_side(root: Path, spatial_dims: int = 2) -> int:
+    """The shorter spatial side of the first image under ``root`` (in the layout's order): a
+    folder's native size when none is given."""
+    layout = _discover(root)
+    files = [f for fs, _ in layout.values() for f in fs]
+    if not files:
+        raise DataError(f"{root}: no images found (looked for {', '.join(EXTENSIONS)})")
+    a = read_image(files[0])
+    return int(min(a.shape[1:1 + spatial_dims]))
+
+
 def _discover(root: Path) -> dict[str, tuple[list[Path], list[str | None]]]:
     """split -> (image files, class name per file or None), by the module docstring's rule.
 
@@ -192,7 +203,13 @@ def prepare_image(path: Path, size: int, spatial_dims: int, normalize: Normalize
                   window: tuple[float, float], percentiles: tuple[float, float]) -> np.ndarray:
     """One file -> (C, *size) array: read, centre-cropped to a square, resized, normalised to
     [0, 1] (uint8 when normalize="none" and the file is 8-bit, else float32)."""
-    a = read_image(path)
+    return fit_array(read_image(path), path, size, spatial_dims, normalize, window, percentiles)
+
+
+def fit_array(a: np.ndarray, path: Path, size: int, spatial_dims: int, normalize: Normalize,
+              window: tuple[float, float], percentiles: tuple[float, float]) -> np.ndarray:
+    """A decoded image ``a`` (C, *spatial) of ``path`` -> (C, *size): centre square, resize with
+    antialiasing, intensity to [0, 1] (uint8 kept when normalize="none" and ``a`` is 8-bit)."""
     if a.ndim - 1 == spatial_dims + 1 and spatial_dims == 3:  # (1, X, Y, Z, T): T as channels
         a = np.moveaxis(a[0], -1, 0)
     if a.ndim - 1 != spatial_dims:

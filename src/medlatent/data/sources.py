@@ -8,30 +8,61 @@ import numpy as np
 
 from medlatent.config import DataConfig
 from medlatent.data.catalogue import CATALOGUE
-from medlatent.data.store import Dataset
+from medlatent.data.store import Dataset, is_store, open_store
 from medlatent.errors import DataError
+
+DEFAULT_MEDMNIST_SIZE = 28  # the CPU working size; MedMNIST+ files at 64/128/224 px on request
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load what ``cfg.name`` names: a MedMNIST subset, a .npz in MedMNIST layout, or a folder."""
+    """Load what ``cfg.name`` names: a MedMNIST subset, a .npz in MedMNIST layout, a prepared
+    store (``medlatent data prepare``) or a folder, at ``cfg.size`` (None: the data's own size,
+    see :func:`native_size`)."""
     if cfg.name.lower() in CATALOGUE:
         from medlatent.data.medmnist import load_medmnist
 
-        return load_medmnist(cfg.name, cfg.size, cfg.data_dir)
+        return load_medmnist(cfg.name, cfg.size or DEFAULT_MEDMNIST_SIZE, cfg.data_dir)
     path = Path(cfg.name).expanduser()
     if path.suffix == ".npz":
         from medlatent.data.medmnist import load_npz
 
         ds = load_npz(path, spatial_dims=None)
-        if ds.image_size != cfg.size:
+        if cfg.size is not None and ds.image_size != cfg.size:
             raise DataError(f"{path}: images are {ds.image_size} px, but data.size is {cfg.size}")
+        return ds
+    if path.is_dir() and is_store(path):
+        ds = open_store(path)
+        if cfg.size is not None and ds.image_size != cfg.size:
+            raise DataError(f"{path}: the store holds {ds.image_size}-px images, but data.size is {cfg.size}; "
+                            f"prepare a store at {cfg.size} px or leave --size out")
         return ds
     if path.is_dir():
         from medlatent.data.folders import load_folder
 
-        return load_folder(path, cfg.size, cfg.spatial_dims, cfg.normalize,
+        return load_folder(path, native_size(cfg), cfg.spatial_dims, cfg.normalize,
                            (cfg.window_center, cfg.window_width))
-    raise DataError(f"'{cfg.name}' is not a MedMNIST subset (see `medlatent data list`), a .npz file or a folder")
+    raise DataError(f"'{cfg.name}' is not a MedMNIST subset (see `medlatent data list`), a .npz file, "
+                    "a prepared store or a folder")
+
+
+def native_size(cfg: DataConfig) -> int:
+    """The image side a run uses: ``cfg.size`` when given, else the data's own: 28 px for a
+    MedMNIST subset (the CPU working size; 64/128/224 on request), the side of a .npz's or a
+    store's images, and for a folder the shorter side of its first image (sorted order)."""
+    if cfg.size is not None:
+        return cfg.size
+    if cfg.name.lower() in CATALOGUE:
+        return DEFAULT_MEDMNIST_SIZE
+    path = Path(cfg.name).expanduser()
+    if path.is_dir() and is_store(path):
+        import json
+
+        return int(json.loads((path / "store.json").read_text())["size"])
+    if path.is_dir():
+        from medlatent.data.folders import first_image_side
+
+        return first_image_side(path, cfg.spatial_dims)
+    return load_dataset(cfg).image_size  # a .npz: its arrays' side
 
 
 def estimate_store_bytes(cfg: DataConfig) -> tuple[int, str] | None:
@@ -43,14 +74,16 @@ def estimate_store_bytes(cfg: DataConfig) -> tuple[int, str] | None:
     files x the first file's channels at ``cfg.size``, float32 unless 8-bit with
     normalize="none", twice (decoded images and the stacked store exist together).
     """
-    pixels = cfg.size ** cfg.spatial_dims
-    if cfg.name.lower() in CATALOGUE:
-        info = CATALOGUE[cfg.name.lower()]
-        n = sum(info.splits.values())
-        return n * info.channels * cfg.size ** info.spatial_dims, f"{n:,} images x {info.channels} channels, uint8"
     path = Path(cfg.name).expanduser()
     if path.suffix == ".npz" and path.is_file():
         return _npz_bytes(path)
+    if path.is_dir() and is_store(path):
+        return 0, "a memory-mapped store: rows are read as they are used"
+    side = cfg.size or DEFAULT_MEDMNIST_SIZE
+    if cfg.name.lower() in CATALOGUE:
+        info = CATALOGUE[cfg.name.lower()]
+        n = sum(info.splits.values())
+        return n * info.channels * side ** info.spatial_dims, f"{n:,} images x {info.channels} channels, uint8"
     if path.is_dir():
         from medlatent.data.folders import EXTENSIONS, read_image
 
@@ -59,9 +92,11 @@ def estimate_store_bytes(cfg: DataConfig) -> tuple[int, str] | None:
         if not files:
             return None
         first = read_image(files[0])
+        side = cfg.size or min(first.shape[1:])
+        pixels = side ** cfg.spatial_dims
         per_value = 1 if cfg.normalize == "none" and first.dtype == np.uint8 else 4
         n_bytes = 2 * len(files) * first.shape[0] * pixels * per_value
-        return n_bytes, f"{len(files):,} images x {first.shape[0]} channels at {cfg.size} px"
+        return n_bytes, f"{len(files):,} images x {first.shape[0]} channels at {side} px"
     return None
 
 
@@ -86,3 +121,20 @@ def _npz_bytes(path: Path) -> tuple[int, str] | None:
     except (zipfile.BadZipFile, OSError, ValueError):
         return None
     return total, f"{n:,} images in {path.name}"
+
+
+def describe_data(data: Dataset, split: str, n_used: int) -> str:
+    """One line for the start of a run: where the images come from, their size and how many,
+    e.g. ``data: stores/cxr-224 (store), 224 px, 3 channels; train 8,000 images (1,000 labelled)``."""
+    kind = "store" if data.info.get("store") else ("MedMNIST" if data.name.lower() in CATALOGUE else "files")
+    shape = data._any.images.shape
+    spatial = "x".join(str(s) for s in shape[2:]) if len(set(shape[2:])) > 1 else f"{shape[-1]} px"
+    if data.spatial_dims == 3:
+        spatial = f"{shape[-1]}^3 voxels"
+    labelled = ""
+    labels = data.splits[split].labels if split in data.splits else None
+    if labels is not None:
+        n_lab = int((labels[:, 0] >= 0).sum())
+        labelled = f" ({n_lab:,} labelled)" if n_lab < len(labels) else ""
+    return (f"data: {data.source or data.name} ({kind}), {spatial}, {data.channels} channel"
+            f"{'s' if data.channels > 1 else ''}; {split} {n_used:,} images{labelled}")

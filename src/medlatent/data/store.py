@@ -1,9 +1,11 @@
-"""The in-memory tensor store every method trains from.
+"""The tensor store every method trains from.
 
 A :class:`Dataset` holds one :class:`ImageSet` per split. Images are a single tensor
 ``(N, C, *spatial)``: uint8 for 8-bit sources (4x smaller than float, converted per batch),
 float32 in [0, 1] for normalised 16-bit or medical sources. A batch is one index gather, so
-feeding the model costs no per-image Python work; the whole store can live on the GPU.
+feeding the model costs no per-image Python work. The tensor is in memory (MedMNIST .npz,
+small folders) or a memory map of a prepared store (:func:`open_store`), whose rows are read
+from the page cache as they are indexed.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    def labelled(self) -> "ImageSet":
+        """The images that have a label (a store's unlabelled rows carry -1); itself when all do."""
+        if self.labels is None or bool((self.labels[:, 0] >= 0).all()):
+            return self
+        return self.subset(self.labels[:, 0] >= 0)
 
     def to(self, device: torch.device | str) -> "ImageSet":
         labels = None if self.labels is None else self.labels.to(device)
@@ -141,6 +149,8 @@ class Dataset:
     splits: dict[str, ImageSet]
     source: str = ""
     info: dict[str, str] = field(default_factory=dict)
+    # Per-channel mean and std of the train split when known in advance (a prepared store).
+    stats: tuple[list[float], list[float]] | None = None
 
     def split(self, name: str) -> ImageSet:
         if name not in self.splits:
@@ -168,13 +178,37 @@ class Dataset:
         return len(self.class_names)
 
 
-def channel_stats(images: torch.Tensor, max_images: int = 20000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of ``images`` (N, C, ...) in [0, 1] units (first max_images)."""
-    x = to_float(images[:max_images])
-    dims = [0] + list(range(2, x.dim()))
-    mean = x.mean(dim=dims)
-    std = x.std(dim=dims).clamp_min(1e-3)
-    return mean.tolist(), std.tolist()
+def channel_stats(images: torch.Tensor | np.ndarray, max_images: int = 20000,
+                  chunk: int = 256) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of ``images`` (N, C, ...) (uint8, or float in [0, 1]) in [0, 1]
+    units, over the first ``max_images``, read ``chunk`` images at a time in float64 sums, so
+    memory stays flat however large the images (a memory-mapped store is read, never copied)."""
+    n = min(len(images), max_images)
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    squares = torch.zeros(c, dtype=torch.float64)
+    count = 0
+    for a in range(0, n, chunk):
+        part = images[a:min(a + chunk, n)]
+        x = torch.from_numpy(np.array(part)) if isinstance(part, np.ndarray) else part
+        x = to_float(x).double().transpose(0, 1).reshape(c, -1)  # (C, n * pixels)
+        total += x.sum(1)
+        squares += (x * x).sum(1)
+        count += x.shape[1]
+    mean = total / max(count, 1)
+    var = (squares / max(count, 1) - mean ** 2).clamp_min(0) * count / max(count - 1, 1)
+    return mean.float().tolist(), var.sqrt().float().clamp_min(1e-3).tolist()
+
+
+def file_checksum(path: Path, chunk: int = 1 << 20) -> str:
+    """BLAKE2b-128 of a file's bytes (hex): fast, and enough to tell a changed file."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> list[torch.Tensor]:
@@ -198,3 +232,54 @@ def mix_seed(*xs: int) -> int:
         h ^= (x + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
         h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     return h & 0x7FFFFFFFFFFFFFFF
+
+
+def is_store(path: Path) -> bool:
+    """Whether ``path`` is a folder written by ``medlatent data prepare``."""
+    return (path / "store.json").is_file() and (path / "images.npy").is_file()
+
+
+def open_store(path: Path) -> Dataset:
+    """A prepared store as a :class:`Dataset` whose images are slices of one memory map.
+
+    Nothing is read into memory but the manifest: ``images[index]`` reads those rows from the
+    page cache, so resident memory does not grow with the store. Rows of unlabelled images
+    carry the label -1 (:meth:`ImageSet.labelled` keeps the others).
+
+    Raises:
+        DataError: a missing or unreadable store.json/manifest.csv, or images.npy changed since
+            it was prepared (size, modification time and then its checksum are compared).
+    """
+    import csv
+    import json
+
+    meta_path, images_path = path / "store.json", path / "images.npy"
+    try:
+        meta = json.loads(meta_path.read_text())
+        st = images_path.stat()
+    except (OSError, ValueError) as e:
+        raise DataError(f"{meta_path}: cannot read the store ({e}); prepare it again") from None
+    if (st.st_size, st.st_mtime_ns) != (meta["images_bytes"], meta["images_mtime_ns"]):
+        got = file_checksum(images_path) if st.st_size == meta["images_bytes"] else "(other size)"
+        if got != meta["images_checksum"]:
+            raise DataError(f"{images_path}: changed after it was prepared (checksum {got}, store.json has "
+                            f"{meta['images_checksum']}); run `medlatent data prepare` again")
+    images = torch.from_numpy(np.load(images_path, mmap_mode="c"))  # copy-on-write: writable, never written
+    expected = (meta["count"], meta["channels"]) + (meta["size"],) * meta["spatial_dims"]
+    if tuple(images.shape) != expected:
+        raise DataError(f"{images_path}: holds {tuple(images.shape)}, store.json says {expected}; prepare it again")
+    with (path / "manifest.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) != meta["count"]:
+        raise DataError(f"{path / 'manifest.csv'}: has {len(rows)} rows, the store {meta['count']}; prepare it again")
+    names = list(meta["class_names"])
+    lookup = {n: i for i, n in enumerate(names)}
+    labels = torch.tensor([[lookup.get(r["label"], -1)] for r in rows], dtype=torch.int64)
+    splits = {}
+    for split, (a, b) in meta["splits"].items():
+        split_labels = labels[a:b] if names else None
+        splits[split] = ImageSet(images[a:b], split_labels, [r["path"] for r in rows[a:b]])
+    ds = Dataset(path.name, meta["task"], tuple(names), splits, str(path),
+                 info=dict(store="yes", labelled=str(meta["labelled"])))
+    ds.stats = (meta["mean"], meta["std"])
+    return ds

@@ -83,6 +83,8 @@ class RunEvaluation:
         self.autocast = resolve_precision(self.cfg.train.precision, self.device)
         self.channels_last = resolve_channels_last(self.cfg.train.channels_last, self.encoder)
         self._features: dict[str, torch.Tensor] = {}
+        self._labelled: dict[str, ImageSet] = {}
+        self.need_labels = need_labels
 
     @property
     def mean(self) -> list[float]:
@@ -93,7 +95,12 @@ class RunEvaluation:
         return self.meta["std"]
 
     def split(self, name: str) -> ImageSet:
-        return self.data.split(name)
+        """A split's images; only its labelled ones when labels are needed (a store may hold
+        unlabelled images too)."""
+        if name not in self._labelled:
+            whole = self.data.split(name)
+            self._labelled[name] = whole.labelled() if self.need_labels else whole
+        return self._labelled[name]
 
     def features(self, split: str) -> torch.Tensor:
         """(N, D) frozen features of a split, computed once."""
