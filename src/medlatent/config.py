@@ -218,12 +218,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 class DataConfig:
     """Which images to learn from."""
 
-    # A MedMNIST subset name (see `medlatent data list`), a .npz in MedMNIST layout, or an
-    # image folder (class-per-subfolder or flat).
+    # A MedMNIST subset name (see `medlatent data list`), a .npz in MedMNIST layout, a store
+    # written by `medlatent data prepare`, or an image folder (class-per-subfolder or flat).
     name: str = "bloodmnist"
-    # Image side in pixels. MedMNIST ships 28, 64, 128 and 224; 28 px is the CPU working size
-    # (64 px costs ~5x per step on a 2-core machine).
-    size: int = bounded(28, ge=8, le=4096)
+    # Image side in pixels; None: the data's own (a store's or .npz's side, a folder's first
+    # image; MedMNIST subsets 28 px, the CPU working size: 64 px costs ~5x per step on a 2-core
+    # machine, and MedMNIST+ ships 64, 128 and 224). A run records the side it used.
+    size: int | None = bounded(None, ge=8, le=4096)
     # Where data files live; None means $MEDLATENT_DATA, else ~/.cache/medlatent.
     data_dir: str | None = None
     # Split used for pretraining. Labels are never read by the self-supervised methods.
@@ -326,6 +327,12 @@ class TrainConfig:
     # every metric by step, this config as flattened parameters, the final metrics and the
     # figures. Optional packages: pip install 'medlatent[track]'. Empty: metrics.jsonl only.
     log: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
+    # The global batch is cut into this many equal slices and slice k's views are drawn from a
+    # generator seeded by (seed, step, k), so the views do not depend on how many processes
+    # share the batch: one process with view_shards=2 draws what two processes draw. None: the
+    # number of processes (one process: one slice, as runs always drew). Must be a multiple of
+    # the number of processes and divide batch_size.
+    view_shards: int | None = bounded(None, ge=1)
 
 
 @dataclass
