@@ -115,7 +115,7 @@ def prepare(manifest: Manifest, output: str | os.PathLike[str], cfg: PrepareConf
         return dataclasses.replace(found, seconds=time.perf_counter() - t0)
     _remove_stale_temporaries(output)
 
-    first = _first_image(entries[0], cfg)  # fixes size and channels (C, *S)
+    first = _first_image(entries, cfg)  # fixes size and channels (C, *S)
     channels, size = first.shape[0], first.shape[-1]
     shape = (len(entries), channels) + (size,) * cfg.spatial_dims
     _check_disk(output.parent, int(np.prod(shape)))
@@ -213,10 +213,21 @@ def _convert_channels(a: np.ndarray, channels: int, path: Path) -> np.ndarray:
     raise DataError(f"{path}: has {a.shape[0]} channels; cannot convert to {channels}")
 
 
-def _first_image(entry: Entry, cfg: PrepareConfig) -> np.ndarray:
-    """The first image at the store's size: it fixes the size (when not given) and channels."""
-    x, _ = decode(entry.path, cfg.size, cfg.channels, cfg)
-    return x
+def _first_image(entries: list[Entry], cfg: PrepareConfig) -> np.ndarray:
+    """The first readable image at the store's size: it fixes the size (when not given) and
+    the channels. Unreadable files before it are reported with the others, by the workers.
+
+    Raises:
+        DataError: the first of the files' errors, when none of the first 100 can be read.
+    """
+    first_error: DataError | None = None
+    for entry in entries[:100]:
+        try:
+            return decode(entry.path, cfg.size, cfg.channels, cfg)[0]
+        except DataError as e:
+            first_error = first_error or e
+    assert first_error is not None
+    raise first_error
 
 
 @dataclass

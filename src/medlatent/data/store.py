@@ -154,7 +154,9 @@ class Dataset:
 
     def split(self, name: str) -> ImageSet:
         if name not in self.splits:
-            raise DataError(f"{self.source or self.name}: has no '{name}' split (has: {', '.join(self.splits)})")
+            hint = ("; draw train/val/test splits once with `medlatent data prepare "
+                    f"{self.source or self.name} --output STORE` and use the store") if name in ("val", "test") else ""
+            raise DataError(f"{self.source or self.name}: has no '{name}' split (has: {', '.join(self.splits)}){hint}")
         return self.splits[name]
 
     @property
