@@ -126,7 +126,7 @@ CASES = [
     Case("unreadable image", on("badpng", "--batch-size", "2"), lambda i: "b.png"),
     Case("one image", on("oneimage"), lambda i: "batch_size"),
     Case("empty split folder", on("emptyval"), lambda i: "emptyval/val"),
-    Case("does not fit in memory", on("twoimages", "--batch-size", "2", "--size", "4000"),
+    Case("does not fit in memory", on("twoimages", "--batch-size", "2", "--size", "4000", "--set", "backbone.stem=cifar"),
          lambda i: "GiB"),
     # --- configs
     Case("missing config file", lambda i, o: ["pretrain", "--config", i.f("missing.yaml"), "--output", o],

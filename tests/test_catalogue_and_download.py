@@ -51,6 +51,7 @@ def test_wrong_md5_is_refused_with_both_checksums(tmp_path: Path, real_data_dir:
 
 
 def test_offline_download_names_file_url_md5_and_destination(tmp_path: Path, monkeypatch):
+    _empty_home(tmp_path, monkeypatch)
     monkeypatch.setenv(download.MIRROR_VAR, (tmp_path / "no-such-mirror").as_uri())
     dest_dir = tmp_path / "data"
     with pytest.raises(DataError) as e:
@@ -62,6 +63,7 @@ def test_offline_download_names_file_url_md5_and_destination(tmp_path: Path, mon
 
 
 def test_download_from_mirror_verifies_and_writes_atomically(tmp_path: Path, real_data_dir: Path, monkeypatch):
+    _empty_home(tmp_path, monkeypatch)
     mirror = tmp_path / "mirror"
     mirror.mkdir()
     monkeypatch.setenv(download.MIRROR_VAR, mirror.as_uri())
@@ -84,3 +86,11 @@ def test_data_root_order(tmp_path: Path, monkeypatch):
     assert download.data_root(str(tmp_path / "explicit")) == tmp_path / "explicit"
     monkeypatch.delenv(download.ENV_VAR)
     assert download.data_root(None) == Path.home() / ".cache" / "medlatent"
+
+
+def _empty_home(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """No ~/.medmnist of the developer's: the lookup falls through to the download."""
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: home))

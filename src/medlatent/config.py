@@ -227,6 +227,9 @@ class DataConfig:
     size: int | None = bounded(None, ge=8, le=4096)
     # Where data files live; None means $MEDLATENT_DATA, else ~/.cache/medlatent.
     data_dir: str | None = None
+    # Decode processes when `name` is a CSV manifest read without `data prepare` (2: this
+    # machine's cores; on a GPU box give it most of the CPU cores).
+    workers: int = bounded(2, ge=1, le=256)
     # Split used for pretraining. Labels are never read by the self-supervised methods.
     split: str = "train"
     # Train only on the images of these classes (anomaly detection: the normal classes);
@@ -247,7 +250,8 @@ class BackboneConfig:
     """The encoder whose representation is learned."""
 
     # resnet18 (64-128-256-512), resnet18-half (32-64-128-256), resnet18-quarter (16-32-64-128),
-    # vit-tiny (dim 192, depth 12) or vit-small (dim 384, depth 12). Quarter width is the CPU
+    # resnet50 (bottleneck blocks 3-4-6-3, 2048-d), vit-tiny (dim 192), vit-small (ViT-S: dim 384,
+    # 6 heads) or vit-base (ViT-B: dim 768, 12 heads), ViTs 12 blocks deep. Quarter width is the CPU
     # default: on the 2-core CI host it runs 3.3x faster than half width, and with the same
     # 10 minutes of SimCLR on BloodMNIST its linear probe reached 0.852 test ACC against 0.826.
     # On a GPU, choose resnet18.
@@ -260,6 +264,11 @@ class BackboneConfig:
     # (the I-JEPA paper's probe). CLS is the default for every method: on our two 5 CPU-minute
     # I-JEPA runs it gave the higher linear probe (0.839 vs 0.789, 0.849 vs 0.837; README).
     pool: Literal["cls", "mean"] = "cls"
+    # ResNet first layers: "cifar" (3x3 stride 1, no max-pool) or "imagenet" (7x7 stride 2 +
+    # max-pool, He et al. 2016). None picks by image size: cifar below 128 px (at 28 px the
+    # ImageNet stem would leave 7 px for the first stage), imagenet from 128 px (13x faster
+    # than the cifar stem there on this CPU; a 224-px image then costs what it costs everyone).
+    stem: Literal["cifar", "imagenet"] | None = None
 
 
 @dataclass

@@ -4,6 +4,24 @@ A :class:`ViewRecipe` turns ``(B, C, *S)`` uint8/float images into a list of nor
 ``(B, C, *size)``, all on the batch's device, reproducible for a given generator seed. The
 recipe is data (a :class:`~medlatent.config.ViewConfig` per view), so methods with asymmetric
 views (BYOL) or several crop sizes (DINO) describe them rather than re-implement them.
+
+How each setting follows the image side (28, 64, 128, 224 px; 28 and 64 for volumes):
+
+* Crops (``crop_scale``, ``crop_ratio``, DINO's global and local scales) are fractions of the
+  field of view, the same at every size: MedMNIST's 64-224 px files (MedMNIST+, Doerrich et al.
+  2024) show the same field of view as the 28-px ones, so a quarter of the area holds the same
+  part of a cell or a lung at every size. SimCLR's 0.08 floor is for ImageNet photos, not a
+  rule of resolution. DINO's local crop side is 3/7 of the side: 12, 28, 56, 96 px.
+* Blur sigma is in pixels, so it scales with the side: :func:`blur_sigma` gives SimCLR's and
+  BYOL's (0.1, 2.0) px at 224 px (Chen et al. 2020, App. A; Grill et al. 2020, Table 6) times
+  max(size / 224, 1/2): (0.05, 1.0) px at 28 and 64 (a weaker blur would change less than a
+  pixel), (0.057, 1.14) at 128, (0.1, 2.0) at 224. The kernel (``ops.gaussian_blur``) spans
+  +-3 sigma of the largest sigma: 7 taps at 28 and 64, 9 at 128, 13 at 224. SimCLR's kernel of
+  10% of the side (23 taps at 224) adds taps holding 0.1% of the weight, so it is not copied.
+  ``ViewConfig.blur_sigma`` (used when ``views.blur`` is set for SimCLR or MoCo) is taken as
+  given, in pixels of the view.
+* Flip and rotation probabilities, rotation degrees, colour and intensity jitter, solarisation
+  and noise act on angles and intensities, not pixels: the same at every size.
 """
 
 from __future__ import annotations
@@ -29,6 +47,20 @@ ORIENTATION_FREE = frozenset({"bloodmnist", "pathmnist", "tissuemnist", "dermamn
 # CPU-minutes, linear probe 0.808 with SimCLR's colour distortion, 0.859 without (README).
 # Pathology and dermoscopy keep the jitter: there stain and camera colour vary between sites.
 COLOUR_IS_CLASS = frozenset({"bloodmnist"})
+
+
+# Gaussian blur sigma of SimCLR (Chen et al. 2020, App. A) and BYOL (Table 6) at 224 px, in pixels.
+PAPER_BLUR_SIGMA = (0.1, 2.0)
+
+
+def blur_sigma(size: int) -> tuple[float, float]:
+    """Range of the Gaussian blur sigma, in pixels, for views of side ``size``.
+
+    The papers' (0.1, 2.0) px at 224 px, scaled with the side but never under half of it:
+    (0.05, 1.0) px up to 112 px (the range BYOL and DINO have used at 28 px), (0.1, 2.0) at 224.
+    """
+    f = max(size / 224, 0.5)
+    return (PAPER_BLUR_SIGMA[0] * f, PAPER_BLUR_SIGMA[1] * f)
 
 
 def resolve(cfg: ViewConfig, data_name: str) -> ViewConfig:

@@ -13,7 +13,8 @@ from medlatent.cli.common import train, training_command
 @click.option("--method", default=None, help="simclr, mocov2, mocov3, byol, dino, mae, ijepa, rotation, "
               "autoencoder, denoising-autoencoder. [default: simclr]")
 @click.option("--backbone", default=None,
-              help="resnet18, resnet18-half, resnet18-quarter, vit-tiny, vit-small. [default: resnet18-quarter]")
+              help="resnet18, resnet18-half, resnet18-quarter, resnet50, vit-tiny, vit-small, vit-base. "
+                   "[default: resnet18-quarter]")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "lars"]), default=None)
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the encoder.")
 @training_command

@@ -21,7 +21,7 @@ import torch.nn as nn
 from medlatent.errors import ConfigError
 from medlatent.export.common import max_abs_diff
 from medlatent.methods.saved import LoadedEncoder
-from medlatent.nets.backbones import SmallImageResNet, ViTEncoder
+from medlatent.nets.backbones import ResNetEncoder, ViTEncoder
 
 WEIGHTS = "model.safetensors"
 
@@ -29,13 +29,8 @@ WEIGHTS = "model.safetensors"
 def monai_network(encoder: nn.Module) -> tuple[str, dict[str, Any], dict[str, torch.Tensor], str]:
     """(MONAI class path, constructor kwargs, state dict for it, read-out) of one of our encoders."""
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
-    if isinstance(encoder, SmallImageResNet):
-        stages = [getattr(encoder, f"layer{i}") for i in range(1, 5)]
-        kwargs = dict(block="basic", layers=[len(s) for s in stages],
-                      block_inplanes=[int(s[0].conv1.out_channels) for s in stages],
-                      spatial_dims=encoder.spatial_dims, n_input_channels=encoder.in_channels,
-                      conv1_t_size=3, conv1_t_stride=1, no_max_pool=True, feed_forward=False)
-        return "monai.networks.nets.ResNet", kwargs, state, "pooled"
+    if isinstance(encoder, ResNetEncoder):
+        return "monai.networks.nets.ResNet", dict(encoder.monai_kwargs), state, "pooled"
     if isinstance(encoder, ViTEncoder):
         d = encoder.out_dim
         block = encoder.blocks[0]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from medlatent.config import PretrainConfig, from_dict
+from medlatent.config import PretrainConfig, from_dict, load_yaml
 from medlatent.data.folders import center_square
 from medlatent.errors import CheckpointError, DataError
 from medlatent.methods.contract import BuildContext
@@ -26,6 +26,8 @@ def read_config(run: RunDir) -> PretrainConfig:
     used them (``MethodSpec.upgrade_saved``)."""
     cfg = run.read_config()
     cfg.method_options = upgrade_saved_options(cfg.method, cfg.method_options)
+    if "stem" not in (load_yaml(run.config_file).get("backbone") or {}):
+        cfg.backbone.stem = "cifar"  # every run before backbone.stem existed used the CIFAR stem
     return cfg
 
 

@@ -1,14 +1,28 @@
-"""Encoders for small medical images, from MONAI networks, in 2-D and 3-D.
+"""Encoders for medical images from 28 to 224 px, from MONAI networks, in 2-D and 3-D.
 
 Every encoder maps ``(B, C, *spatial)`` to ``(B, out_dim)`` and carries ``out_dim``,
 ``in_channels``, ``spatial_dims`` and ``prefers_channels_last``. Parameter names are MONAI's,
-so pretrained weights load straight into MONAI models: the ResNet's into ``monai.networks.nets.ResNet``,
-the ViT's into ``monai.networks.nets.ViT``, and into the ``vit`` of ``UNETR`` (depth 12, ``qkv_bias=True``,
-the CLS token left out) only for 16-px patches, which UNETR fixes: images of 128 px or more with the
-default patch rule, or ``backbone.patch_size=16``; not the 4- or 8-px patches of 28- and 64-px runs.
+so pretrained weights load straight into MONAI models: the ResNet's into ``monai.networks.nets.ResNet``
+(with the constructor arguments in ``encoder.monai_kwargs``), the ViT's into ``monai.networks.nets.ViT``,
+and into the ``vit`` of ``UNETR`` (depth 12, ``qkv_bias=True``, the CLS token left out) only for 16-px
+patches, which UNETR fixes: images of 128 px or more with the default patch rule, or
+``backbone.patch_size=16``; not the 4- or 8-px patches of 28- and 64-px runs.
+
+By image size (``stem=None``, ``patch_size=None``):
+
+=======  ==================================  ============================
+size     ResNet stem (:func:`default_stem`)  ViT patch (tokens)
+=======  ==================================  ============================
+28       cifar: 3x3 stride 1, no max-pool    4 px (7 x 7 = 49)
+64       cifar                               8 px (8 x 8 = 64)
+128      imagenet: 7x7 stride 2 + max-pool   16 px (8 x 8 = 64)
+224      imagenet                            16 px (14 x 14 = 196, as ViT-B/16)
+=======  ==================================  ============================
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -18,13 +32,63 @@ from monai.networks.nets import ResNet
 from medlatent.config import BackboneConfig
 from medlatent.errors import ConfigError
 
+STEMS = ("cifar", "imagenet")
+# The first convolution and pooling of each stem, as MONAI ResNet arguments.
+_STEM_KWARGS: dict[str, dict[str, Any]] = {
+    "cifar": dict(conv1_t_size=3, conv1_t_stride=1, no_max_pool=True),
+    "imagenet": dict(conv1_t_size=7, conv1_t_stride=2, no_max_pool=False),
+}
 
-class SmallImageResNet(ResNet):
+
+def default_stem(img_size: int) -> str:
+    """``cifar`` below 128 px, ``imagenet`` from 128 px.
+
+    The ImageNet stem (He et al. 2016, Table 1: 7x7 conv stride 2, 3x3 max-pool stride 2)
+    divides the side by 4 before the first stage: 224 px reach the last stage at 7 px, as in
+    every published ImageNet ResNet, at 1/16 of the CIFAR stem's cost. At 28 px it would leave
+    7 px for the first stage and 1 px for the last, hence the CIFAR stem (3x3 stride 1, no
+    pool; He et al. 2016, Sec. 4.2) below 128 px: 64 px end at 8 px, 128 px at 4 px."""
+    return "cifar" if img_size < 128 else "imagenet"
+
+
+class ResNetEncoder(ResNet):
+    """ResNet (He et al., CVPR 2016) without its classifier: (B, C, *S) -> (B, out_dim), the
+    global-average-pooled last stage. Built by MONAI's ``ResNet``; this subclass records
+    ``out_dim``, the stem and ``monai_kwargs`` (the exact ``monai.networks.nets.ResNet``
+    arguments whose state dict equals this one's).
+
+    Args:
+        in_channels: image channels (1 grayscale, 3 RGB).
+        spatial_dims: 2 or 3.
+        width: channels of the first stage; 64 is the paper's ResNet, 32 half width.
+        layers: blocks per stage: (2, 2, 2, 2) ResNet-18, (3, 4, 6, 3) ResNet-50.
+        block: ``basic`` (two 3x3 convs) or ``bottleneck`` (1x1, 3x3, 1x1; 4x wider output).
+        stem: ``cifar`` or ``imagenet`` (see :func:`default_stem`).
+    """
+
+    def __init__(self, in_channels: int, spatial_dims: int = 2, width: int = 64,
+                 layers: tuple[int, int, int, int] = (2, 2, 2, 2), block: str = "basic",
+                 stem: str = "cifar") -> None:
+        if stem not in STEMS:
+            raise ConfigError(f"backbone.stem: unknown stem '{stem}' (known: {', '.join(STEMS)})")
+        kwargs: dict[str, Any] = dict(
+            block=block, layers=list(layers), block_inplanes=[width, 2 * width, 4 * width, 8 * width],
+            spatial_dims=spatial_dims, n_input_channels=in_channels, **_STEM_KWARGS[stem], feed_forward=False)
+        super().__init__(**kwargs)
+        self.monai_kwargs = kwargs
+        self.out_dim = 8 * width * (4 if block == "bottleneck" else 1)
+        self.in_channels = in_channels
+        self.spatial_dims = spatial_dims
+        self.stem = stem
+        self.prefers_channels_last = True
+
+
+class SmallImageResNet(ResNetEncoder):
     """ResNet-18 for 28-64 px images: 3x3 stride-1 stem, no max-pool, no classifier.
 
     The CIFAR variant of He et al. (2016): at 28 px the ImageNet stem (7x7 stride 2 plus
-    max-pool) would shrink the image to 7 px before the first block. Built by MONAI's ``ResNet``
-    (which has these options); this subclass only records ``out_dim`` and friends.
+    max-pool) would shrink the image to 7 px before the first block. Every 28-px run's
+    encoder is this class, so its keys and shapes (and the MONAI export) stay as they were.
 
     Args:
         in_channels: image channels (1 grayscale, 3 RGB).
@@ -36,14 +100,7 @@ class SmallImageResNet(ResNet):
 
     def __init__(self, in_channels: int, spatial_dims: int = 2, width: int = 64,
                  layers: tuple[int, int, int, int] = (2, 2, 2, 2)) -> None:
-        super().__init__(block="basic", layers=list(layers),
-                         block_inplanes=[width, 2 * width, 4 * width, 8 * width],
-                         spatial_dims=spatial_dims, n_input_channels=in_channels,
-                         conv1_t_size=3, conv1_t_stride=1, no_max_pool=True, feed_forward=False)
-        self.out_dim = 8 * width
-        self.in_channels = in_channels
-        self.spatial_dims = spatial_dims
-        self.prefers_channels_last = True
+        super().__init__(in_channels, spatial_dims, width, layers, block="basic", stem="cifar")
 
 
 VIT_POOLS = ("cls", "mean")
@@ -170,21 +227,39 @@ def default_patch_size(img_size: int) -> int:
     return 4 if img_size <= 32 else 8 if img_size <= 64 else 16
 
 
-VIT_ENCODERS = ("vit-tiny", "vit-small")
-ENCODERS = ("resnet18", "resnet18-half", "resnet18-quarter", *VIT_ENCODERS)
+# name -> (hidden size D, heads); MLP 4 D, depth 12 (Dosovitskiy et al. 2021, Table 1; DeiT's
+# ViT-Ti and ViT-S, Touvron et al. 2021, Table 1).
+VIT_PRESETS: dict[str, tuple[int, int]] = {"vit-tiny": (192, 3), "vit-small": (384, 6), "vit-base": (768, 12)}
+VIT_ENCODERS = tuple(VIT_PRESETS)
+# name -> (first-stage width, blocks per stage, block)
+RESNET_PRESETS: dict[str, tuple[int, tuple[int, int, int, int], str]] = {
+    "resnet18": (64, (2, 2, 2, 2), "basic"),
+    "resnet18-half": (32, (2, 2, 2, 2), "basic"),
+    "resnet18-quarter": (16, (2, 2, 2, 2), "basic"),  # 16-32-64-128: 3.3x faster than half width on a CPU
+    "resnet50": (64, (3, 4, 6, 3), "bottleneck"),
+}
+ENCODERS = (*RESNET_PRESETS, *VIT_ENCODERS)
 
 
 def build_encoder(name: str, in_channels: int, img_size: int, spatial_dims: int = 2,
-                  patch_size: int | None = None, depth: int | None = None, pool: str = "cls") -> nn.Module:
-    """An encoder by name (see :data:`ENCODERS`); ``pool`` is the ViT read-out (see :class:`ViTEncoder`)."""
-    if name == "resnet18":
-        return SmallImageResNet(in_channels, spatial_dims, width=64)
-    if name == "resnet18-half":
-        return SmallImageResNet(in_channels, spatial_dims, width=32)
-    if name == "resnet18-quarter":  # 16-32-64-128: 3.3x faster than half width on a CPU
-        return SmallImageResNet(in_channels, spatial_dims, width=16)
-    if name in VIT_ENCODERS:
-        dim, heads = (192, 3) if name == "vit-tiny" else (384, 6)
+                  patch_size: int | None = None, depth: int | None = None, pool: str = "cls",
+                  stem: str | None = None) -> nn.Module:
+    """An encoder by name (see :data:`ENCODERS`).
+
+    Args:
+        patch_size: ViT patch side; None: :func:`default_patch_size`.
+        depth: ViT blocks; None: the preset's 12.
+        pool: ViT read-out (see :class:`ViTEncoder`).
+        stem: ResNet stem, ``cifar`` or ``imagenet``; None: :func:`default_stem` of ``img_size``.
+    """
+    if name in RESNET_PRESETS:
+        width, layers, block = RESNET_PRESETS[name]
+        stem = stem or default_stem(img_size)
+        if block == "basic" and stem == "cifar":  # every run before the ImageNet stem existed
+            return SmallImageResNet(in_channels, spatial_dims, width, layers)
+        return ResNetEncoder(in_channels, spatial_dims, width, layers, block, stem)
+    if name in VIT_PRESETS:
+        dim, heads = VIT_PRESETS[name]
         return ViTEncoder(in_channels, img_size, patch_size or default_patch_size(img_size),
                           hidden_size=dim, depth=depth or 12, num_heads=heads, spatial_dims=spatial_dims,
                           pool=pool)
@@ -192,5 +267,7 @@ def build_encoder(name: str, in_channels: int, img_size: int, spatial_dims: int 
 
 
 def build_backbone(cfg: BackboneConfig, in_channels: int, img_size: int, spatial_dims: int) -> nn.Module:
-    """The encoder a run's ``backbone`` config describes (name, patch size, depth, ViT read-out)."""
-    return build_encoder(cfg.name, in_channels, img_size, spatial_dims, cfg.patch_size, cfg.depth, cfg.pool)
+    """The encoder a run's ``backbone`` config describes (name, patch size, depth, ViT read-out,
+    ResNet stem)."""
+    stem = cfg.stem  # None: by image size
+    return build_encoder(cfg.name, in_channels, img_size, spatial_dims, cfg.patch_size, cfg.depth, cfg.pool, stem)

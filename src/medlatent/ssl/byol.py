@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from medlatent.augment.views import blur_sigma
 from medlatent.config import ViewConfig, bounded
 from medlatent.losses import BYOLLoss
 from medlatent.nets.heads import byol_projection_head
@@ -64,7 +65,7 @@ def _build(encoder: nn.Module, o: BYOLConfig, context: BuildContext) -> BYOL:
 def _views(base: ViewConfig, size: int, o: BYOLConfig) -> list[tuple[ViewConfig, int]]:
     """BYOL's asymmetric pair (Table 6): blur always in view 1, rarely in view 2, solarisation
     only in view 2. Sigma is scaled to the image (the paper's 0.1-2.0 px at 224 px)."""
-    sigma = (0.1 * size / 224 * 4, 2.0 * size / 224 * 4)
+    sigma = blur_sigma(size)  # SimCLR's 0.1-2.0 px at 224 px, scaled with the side
     return [(dataclasses.replace(base, blur=1.0, blur_sigma=sigma, solarize=0.0), size),
             (dataclasses.replace(base, blur=0.1, blur_sigma=sigma, solarize=0.2), size)]
 

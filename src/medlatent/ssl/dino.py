@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from medlatent.augment.views import blur_sigma
 from medlatent.config import ViewConfig, bounded
 from medlatent.losses import DINOLoss
 from medlatent.nets.heads import DINOHead
@@ -98,7 +99,7 @@ def _build(encoder: nn.Module, o: DINOConfig, context: BuildContext) -> DINO:
 def _views(base: ViewConfig, size: int, o: DINOConfig) -> list[tuple[ViewConfig, int]]:
     """DINO's multi-crop: two global crops (blur 1.0 / 0.1 + solarisation 0.2 on the second) and
     ``n_local_crops`` small crops (blur 0.5), all from the same base distortions."""
-    sigma = (0.1 * size / 224 * 4, 2.0 * size / 224 * 4)
+    sigma = blur_sigma(size)  # SimCLR's 0.1-2.0 px at 224 px, scaled with the side
     g1 = dataclasses.replace(base, crop_scale=o.global_scale, blur=1.0, blur_sigma=sigma)
     g2 = dataclasses.replace(base, crop_scale=o.global_scale, blur=0.1, blur_sigma=sigma, solarize=0.2)
     local = dataclasses.replace(base, crop_scale=o.local_scale, blur=0.5, blur_sigma=sigma)
