@@ -271,6 +271,8 @@ def _train(run: RunDir, cfg: PretrainConfig, resume: bool, on_progress: Callable
     data, method, device = plan.data, plan.method, plan.device
     autocast = resolve_precision(cfg.train.precision, device)
     channels_last = resolve_channels_last(cfg.train.channels_last, trunk(method))
+    # Recorded, so a run resumed on another number of processes draws the same views.
+    cfg.train.view_shards = cfg.train.view_shards or dist.world_size()
     if dist.is_main():
         run.write_config(cfg)
         run.write_json("data.json", dict(

@@ -83,10 +83,27 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_equal(value: int) -> bool:
+    """True when every rank passes the same ``value`` (every rank gets the same answer); True in
+    one process. A collective: every rank must call it."""
+    if not is_distributed():
+        return True
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    both = torch.tensor([value, -value], dtype=torch.int64, device=device)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)  # (max, -min)
+    return int(both[0]) == -int(both[1])
+
+
 def init_from_env(device: torch.device) -> bool:
-    """Join the process group described by torchrun's environment; True when distributed."""
+    """Join the process group described by torchrun's environment; True when distributed.
+
+    On CUDA each process takes the GPU ``LOCAL_RANK`` of its node (unless ``device`` names
+    one), so ``torchrun --nproc_per_node N`` uses N GPUs with ``train.device`` auto or cuda.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return is_distributed()
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
     return True

@@ -15,8 +15,9 @@ DEFAULT_MEDMNIST_SIZE = 28  # the CPU working size; MedMNIST+ files at 64/128/22
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load what ``cfg.name`` names: a MedMNIST subset, a .npz in MedMNIST layout, a prepared
-    store (``medlatent data prepare``) or a folder, at ``cfg.size`` (None: the data's own size,
+    """Load what ``cfg.name`` names: a MedMNIST subset, a .npz in MedMNIST layout, a CSV
+    manifest (decoded as read, :mod:`medlatent.data.decoded`), a prepared store
+    (``medlatent data prepare``) or a folder, at ``cfg.size`` (None: the data's own size,
     see :func:`native_size`)."""
     if cfg.name.lower() in CATALOGUE:
         from medlatent.data.medmnist import load_medmnist
@@ -30,6 +31,10 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         if cfg.size is not None and ds.image_size != cfg.size:
             raise DataError(f"{path}: images are {ds.image_size} px, but data.size is {cfg.size}")
         return ds
+    if path.suffix.lower() == ".csv" and path.is_file():
+        from medlatent.data.decoded import load_manifest_csv
+
+        return load_manifest_csv(path, cfg.size, cfg.spatial_dims, cfg.workers)
     if path.is_dir() and is_store(path):
         ds = open_store(path)
         if cfg.size is not None and ds.image_size != cfg.size:
@@ -42,7 +47,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         return load_folder(path, native_size(cfg), cfg.spatial_dims, cfg.normalize,
                            (cfg.window_center, cfg.window_width))
     raise DataError(f"'{cfg.name}' is not a MedMNIST subset (see `medlatent data list`), a .npz file, "
-                    "a prepared store or a folder")
+                    "a CSV manifest, a prepared store or a folder")
 
 
 def native_size(cfg: DataConfig) -> int:
@@ -79,6 +84,8 @@ def estimate_store_bytes(cfg: DataConfig) -> tuple[int, str] | None:
         return _npz_bytes(path)
     if path.is_dir() and is_store(path):
         return 0, "a memory-mapped store: rows are read as they are used"
+    if path.suffix.lower() == ".csv":
+        return 0, "a CSV manifest: images are decoded as they are read"
     side = cfg.size or DEFAULT_MEDMNIST_SIZE
     if cfg.name.lower() in CATALOGUE:
         info = CATALOGUE[cfg.name.lower()]
@@ -127,6 +134,8 @@ def describe_data(data: Dataset, split: str, n_used: int) -> str:
     """One line for the start of a run: where the images come from, their size and how many,
     e.g. ``data: stores/cxr-224 (store), 224 px, 3 channels; train 8,000 images (1,000 labelled)``."""
     kind = "store" if data.info.get("store") else ("MedMNIST" if data.name.lower() in CATALOGUE else "files")
+    if data.info.get("decoded"):
+        kind = "CSV manifest, decoded as read"
     shape = data._any.images.shape
     spatial = "x".join(str(s) for s in shape[2:]) if len(set(shape[2:])) > 1 else f"{shape[-1]} px"
     if data.spatial_dims == 3:

@@ -60,6 +60,14 @@ class ImageSet:
         index = torch.as_tensor(index)
         if index.dtype == torch.bool:
             index = index.nonzero()[:, 0]
+        if not isinstance(self.images, torch.Tensor):  # images decoded on demand: stay lazy
+            rows = index.reshape(-1).tolist()
+            return ImageSet(self.images.subset(rows), None if self.labels is None else self.labels[index],
+                            None if self.sources is None else [self.sources[i] for i in rows])
+        if index.dim() == 1 and len(index) and torch.equal(index, torch.arange(int(index[0]), int(index[0]) + len(index))):
+            a, b = int(index[0]), int(index[0]) + len(index)  # a run of rows: a view, never a copy of a store
+            return ImageSet(self.images[a:b], None if self.labels is None else self.labels[a:b],
+                            None if self.sources is None else self.sources[a:b])
         labels = None if self.labels is None else self.labels[index]
         sources = None if self.sources is None else [self.sources[i] for i in index.reshape(-1).tolist()]
         return ImageSet(self.images[index], labels, sources)
