@@ -21,6 +21,7 @@ from medlatent import progress
 from medlatent.augment.views import ViewRecipe, geometric_only, resolve
 from medlatent.config import ViewConfig
 from medlatent.data.catalogue import MULTI_LABEL
+from medlatent.train.batches import BatchReader
 from medlatent.data.store import ImageSet, epoch_batches, mix_seed
 from medlatent.eval.features import predict_scores
 from medlatent.eval.metrics import evaluate
@@ -137,17 +138,17 @@ def finetune(encoder: nn.Module, train: ImageSet, val: ImageSet, task: str, n_ou
         view = dataclasses.replace(view, crop_scale=(1.0, 1.0), hflip=0.0, vflip=0.0, rot90=0.0)
     size = train.images.shape[-1]
     recipe = ViewRecipe([(view, size)], mean, std)
-    images = train.images.to(device)
+    images = BatchReader(train.images, device)  # a store's rows are read by index, never copied whole
     labels = train.labels.to(device)
-    batch = min(cfg.batch_size, len(images))
-    steps_per_epoch = max(1, len(images) // batch)
+    batch = min(cfg.batch_size, len(train))
+    steps_per_epoch = max(1, len(train) // batch)
     total = max(cfg.epochs * steps_per_epoch, cfg.min_steps)
     best_key, best_state, best_metrics, bad_evals = None, None, {}, 0
     step = 0
     while step < total:
-        for index in epoch_batches(len(images), batch, seed, step // steps_per_epoch):
+        for index in epoch_batches(len(train), batch, seed, step // steps_per_epoch):
             g = torch.Generator(device=device).manual_seed(mix_seed(seed, step, 7))
-            x = recipe(images[index.to(device)], g)[0].contiguous(memory_format=fmt)
+            x = recipe(images.read(index), g)[0].contiguous(memory_format=fmt)
             y = labels[index.to(device)]
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, 0, cfg.lr, 0.01) * group["lr_scale"]
@@ -177,6 +178,7 @@ def finetune(encoder: nn.Module, train: ImageSet, val: ImageSet, task: str, n_ou
                     total = step  # early stop
             if step >= total:
                 break
+    images.close()
     assert best_state is not None
     model.load_state_dict(best_state)
     return model.eval(), best_metrics, step
