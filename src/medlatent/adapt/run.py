@@ -64,12 +64,12 @@ def load_base(source: str | Path, data: str | None = None, data_dir: str | None 
     if source.suffix in WEIGHT_SUFFIXES:
         if data is None:
             raise DataError(f"{source}: external weights need --data (what to adapt them to)")
-        dataset = load_dataset(DataConfig(name=data, data_dir=data_dir))
+        dataset = load_dataset(DataConfig(name=data, data_dir=data_dir)).labelled()
         vit, report = vit_from_weights(source, dataset.channels, dataset.image_size, num_heads)
         mean, std = channel_stats(dataset.split("train").images)
         return Base(vit.to(resolve_device(device)), dataset, mean, std, str(source), report.summary())
     ev = RunEvaluation(source, data, data_dir, device)
-    return Base(ev.encoder, ev.data, ev.mean, ev.std, str(source))
+    return Base(ev.encoder, ev.data.labelled(), ev.mean, ev.std, str(source))
 
 
 def tracker_folder(out: str | Path) -> Path:

@@ -61,7 +61,7 @@ def score_run(run_dir: str | Path, cfg: AnomalyConfig, detector: str = "auto", d
     if not classes:
         raise ConfigError(f"{run_dir}: was not fitted on chosen normal classes; give --normal")
     dataset = load_dataset(dataclasses.replace(run_cfg.data, name=data or run_cfg.data.name,
-                                               data_dir=data_dir if data_dir is not None else run_cfg.data.data_dir))
+                                               data_dir=data_dir if data_dir is not None else run_cfg.data.data_dir)).labelled()
     result = evaluate_detector(run_dir, dataset, classes, cfg, detector, split, device)
     return write_outputs(result, dataset.split(split).images,
                          Path(out) if out else Path(run_dir) / f"anomaly-{dataset.name}")

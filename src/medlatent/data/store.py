@@ -10,6 +10,7 @@ from the page cache as they are indexed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,14 @@ class Dataset:
                     f"{self.source or self.name} --output STORE` and use the store") if name in ("val", "test") else ""
             raise DataError(f"{self.source or self.name}: has no '{name}' split (has: {', '.join(self.splits)}){hint}")
         return self.splits[name]
+
+    def labelled(self) -> "Dataset":
+        """The same data with only the labelled images of each split (a store or CSV manifest
+        may hold unlabelled ones, label -1); itself when every image has a label."""
+        kept = {k: v.labelled() for k, v in self.splits.items()}
+        if all(kept[k] is self.splits[k] for k in kept):
+            return self
+        return dataclasses.replace(self, splits=kept)
 
     @property
     def _any(self) -> ImageSet:

@@ -232,7 +232,7 @@ def judge_run(run_dir: str | Path, n: int = 1000, guidance: float = 1.0, steps: 
     loaded = load_generator(run_dir, device)
     model, meta, step, cfg = loaded
     dev = next(model.parameters()).device
-    data = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir if data_dir is not None else cfg.data.data_dir))
+    data = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir if data_dir is not None else cfg.data.data_dir)).labelled()
     if data.task is None or data.task.startswith("multi-label"):
         raise ConfigError(f"{data.source or data.name}: judging samples needs single-label train/val/test splits")
     sampled = sample_run(run_dir, n, None, guidance, steps, seed, Path(run_dir) / "samples-eval.npz", device, loaded)
@@ -269,7 +269,7 @@ def augment_experiment(run_dir: str | Path, fractions: tuple[float, ...] = (0.01
     if not meta.get("condition_classes", 0):
         raise ConfigError(f"{run_dir}: synthetic augmentation needs a class-conditional model (--conditional)")
     dev = next(model.parameters()).device
-    data = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir if data_dir is not None else cfg.data.data_dir))
+    data = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir if data_dir is not None else cfg.data.data_dir)).labelled()
     images, labels, _ = sample_images(model, n_synthetic, _shape(meta), meta["condition_classes"], None, guidance,
                                       steps, 0, device=dev)
     synth = ImageSet(images, labels)
