@@ -269,3 +269,26 @@ def test_cli_prepare_pretrain_probe_from_a_store(tmp_path: Path, capsys: pytest.
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["size"] == 32
     code, out, err = run_cli(capsys, "probe", str(tmp_path / "run"))
     assert code == 0 and "linear" in out, err
+
+
+def test_volume_slices_make_a_two_dimensional_store(tmp_path: Path) -> None:
+    nib = pytest.importorskip("nibabel")
+    root = tmp_path / "vols"
+    root.mkdir()
+    volumes = {}
+    for i in range(2):
+        v = np.random.default_rng(i).random((20, 24, 5 + i)).astype(np.float32)
+        volumes[f"{i}.nii.gz"] = v
+        nib.save(nib.Nifti1Image(v, np.eye(4)), root / f"{i}.nii.gz")
+    store = prepare(mf.read_folder(root), tmp_path / "store", PrepareConfig(size=16, slices=True, split=(1.0, 0.0, 0.0)))
+    assert store.count == 5 + 6
+    rows = list(csv.DictReader((tmp_path / "store" / "manifest.csv").open()))
+    assert [(Path(r["path"]).name, r["slice"]) for r in rows[:6]] == [("0.nii.gz", str(k)) for k in range(5)] + [("1.nii.gz", "0")]
+    images = np.load(tmp_path / "store" / "images.npy")
+    assert images.shape == (11, 1, 16, 16)
+    # row 6 is slice 1 of the second volume, scaled by its own percentiles
+    one = volumes["1.nii.gz"][:, :, 1]
+    lo, hi = np.percentile(one, (0.5, 99.5))
+    x = torch.from_numpy(np.clip((one - lo) / (hi - lo), 0, 1))[None, None]
+    x = torch.nn.functional.interpolate(x[..., 2:22], size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+    assert np.abs(images[6, 0].astype(int) - np.rint(x[0, 0].clamp(0, 1).numpy() * 255).astype(int)).max() <= 1

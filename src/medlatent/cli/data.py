@@ -71,6 +71,7 @@ def _floats(text: str | None, n: int, flag: str) -> tuple[float, ...] | None:
 @click.option("--classes", help="Class names in label order, comma-separated. [default: the sorted labels]")
 @click.option("--channels", type=click.IntRange(1, 3), help="Convert every image to 1 or 3 channels.")
 @click.option("--spatial-dims", type=click.IntRange(2, 3), default=2, show_default=True, help="3 for volumes.")
+@click.option("--slices", is_flag=True, help="A 2-D store of every slice of each NIfTI volume (last axis).")
 @click.option("--normalize", type=click.Choice(["auto", "percentile", "window", "none"]), default="auto",
               show_default=True, help="auto: 8-bit kept, DICOM by its header window, others by percentiles.")
 @click.option("--window", help="CENTRE,WIDTH for --normalize window (CT soft tissue: 40,400).")
@@ -78,12 +79,12 @@ def _floats(text: str | None, n: int, flag: str) -> tuple[float, ...] | None:
 def data_prepare(source: str, output: str, labels: str | None, size: int | None, split: str | None,
                  group_by: str | None, workers: int, skip_bad: bool, overwrite: bool, path_column: str,
                  label_column: str, split_column: str, classes: str | None, channels: int | None,
-                 spatial_dims: int, normalize: str, window: str | None, seed: int) -> None:
+                 spatial_dims: int, slices: bool, normalize: str, window: str | None, seed: int) -> None:
     """Decode a folder or CSV of images once into a memory-mapped store for training and probes."""
     from medlatent.api import prepare_store
 
     options: dict = dict(size=size, spatial_dims=spatial_dims, channels=channels, normalize=normalize,
-                         seed=seed, workers=workers, skip_bad=skip_bad)
+                         seed=seed, workers=workers, skip_bad=skip_bad, slices=slices)
     if split is not None:
         options["split"] = _floats(split, 3, "--split")
     if window is not None:

@@ -73,6 +73,9 @@ class PrepareConfig:
     workers: int = bounded(1, ge=1, le=256)
     # Leave unreadable files out (listed and counted) instead of refusing the whole store.
     skip_bad: bool = False
+    # A 2-D store from volumes: every slice of a NIfTI volume along its last axis (axial for
+    # RAS-oriented files) becomes an image; the manifest records the slice. 2-D files stay one image.
+    slices: bool = False
 
 
 @dataclass
@@ -110,12 +113,13 @@ def prepare(manifest: Manifest, output: str | os.PathLike[str], cfg: PrepareConf
     if not entries:
         raise DataError(f"{manifest.source}: no images")
     fingerprint = _fingerprint(entries, manifest.class_names, cfg)
+    entries, frames = _expand_slices(entries, cfg)  # one row per image (per slice with cfg.slices)
     found = _existing(output, fingerprint, overwrite)
     if found is not None:
         return dataclasses.replace(found, seconds=time.perf_counter() - t0)
     _remove_stale_temporaries(output)
 
-    first = _first_image(entries, cfg)  # fixes size and channels (C, *S)
+    first = _first_image(entries, frames, cfg)  # fixes size and channels (C, *S)
     channels, size = first.shape[0], first.shape[-1]
     shape = (len(entries), channels) + (size,) * cfg.spatial_dims
     _check_disk(output.parent, int(np.prod(shape)))
@@ -125,8 +129,9 @@ def prepare(manifest: Manifest, output: str | os.PathLike[str], cfg: PrepareConf
     try:
         images = _allocate(tmp / "images.npy", shape)
         del images
-        records = _decode_all(entries, tmp / "images.npy", size, channels, cfg)
-        bad = [(entries[i].row, entries[i].path, reason) for i, (_, _, reason) in sorted(records.items()) if reason]
+        records = _decode_all(entries, frames, tmp / "images.npy", size, channels, cfg)
+        bad = list(dict.fromkeys((entries[i].row, entries[i].path, reason)
+                                 for i, (_, _, reason) in sorted(records.items()) if reason))
         report = output.with_name(f"{output.name}.unreadable.csv")
         if bad and not cfg.skip_bad:
             _write_bad(report, bad)
@@ -139,9 +144,11 @@ def prepare(manifest: Manifest, output: str | os.PathLike[str], cfg: PrepareConf
             _compact(tmp / "images.npy", keep)
             _write_bad(report, bad)
         kept = [entries[i] for i in keep]
+        kept_frames = [frames[i] for i in keep]
         meta = _describe(tmp / "images.npy", kept, [records[i] for i in keep], manifest, cfg, fingerprint,
                          size, channels)
-        _write_manifest(tmp / "manifest.csv", kept, [records[i] for i in keep], manifest.class_names, cfg.spatial_dims)
+        _write_manifest(tmp / "manifest.csv", kept, kept_frames if cfg.slices else None, [records[i] for i in keep],
+                        manifest.class_names, cfg.spatial_dims)
         (tmp / "store.json").write_text(json.dumps(meta, indent=1))
         _publish(tmp, output, fingerprint, overwrite)
     except OSError as e:
@@ -157,16 +164,19 @@ def prepare(manifest: Manifest, output: str | os.PathLike[str], cfg: PrepareConf
 
 # --- decoding ---------------------------------------------------------------------------------
 
-def decode(path: str, size: int | None, channels: int | None, cfg: PrepareConfig) -> tuple[np.ndarray, tuple[int, ...]]:
-    """One file -> ((C, *size) uint8, original spatial shape).
+def decode(path: str, size: int | None, channels: int | None, cfg: PrepareConfig,
+           frame: int | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """One file (or slice ``frame`` of a volume) -> ((C, *size) uint8, original spatial shape).
 
     Raises:
         DataError: unreadable file, wrong dimensionality, a channel count that cannot be converted.
     """
-    from medlatent.data.folders import fit_array, read_image
+    from medlatent.data.folders import fit_array
 
     p = Path(path)
-    a = read_image(p)  # (C, *spatial) in the file's own range
+    a = _read(p)  # (C, *spatial) in the file's own range
+    if frame is not None:
+        a = a[..., frame]  # (C, H, W): one slice along the volume's last axis
     original = tuple(int(s) for s in a.shape[1:])
     if channels is not None and a.shape[0] != channels:
         a = _convert_channels(a, channels, p)
@@ -176,6 +186,43 @@ def decode(path: str, size: int | None, channels: int | None, cfg: PrepareConfig
     if x.dtype != np.uint8:
         x = np.rint(x * 255).astype(np.uint8)
     return x, original
+
+
+_LAST: list = [None, None]  # the last file read in this process: a volume's slices are read once
+
+
+def _read(path: Path) -> np.ndarray:
+    from medlatent.data.folders import read_image
+
+    if _LAST[0] != path:
+        _LAST[:] = [path, read_image(path)]
+    return _LAST[1]
+
+
+def _expand_slices(entries: list[Entry], cfg: PrepareConfig) -> tuple[list[Entry], list[int | None]]:
+    """Rows of the store: one per entry, or with ``cfg.slices`` one per slice of each NIfTI
+    volume (its depth read from the header, not the data)."""
+    if not cfg.slices:
+        return entries, [None] * len(entries)
+    rows, frames = [], []
+    for e in entries:
+        depth = _nifti_depth(Path(e.path))
+        rows += [e] * (depth or 1)
+        frames += list(range(depth)) if depth else [None]
+    return rows, frames
+
+
+def _nifti_depth(path: Path) -> int | None:
+    """Slices along the last axis of a 3-D NIfTI file; None for anything else."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return None
+    import nibabel
+
+    try:
+        shape = nibabel.load(str(path)).shape
+    except Exception as e:  # nibabel raises many types; the row is refused with the reason
+        raise DataError(f"{path}: cannot read the NIfTI header ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return int(shape[2]) if len(shape) >= 3 else None
 
 
 def _normalization(path: Path, a: np.ndarray, cfg: PrepareConfig) -> tuple[str, tuple[float, float]]:
@@ -213,7 +260,7 @@ def _convert_channels(a: np.ndarray, channels: int, path: Path) -> np.ndarray:
     raise DataError(f"{path}: has {a.shape[0]} channels; cannot convert to {channels}")
 
 
-def _first_image(entries: list[Entry], cfg: PrepareConfig) -> np.ndarray:
+def _first_image(entries: list[Entry], frames: list[int | None], cfg: PrepareConfig) -> np.ndarray:
     """The first readable image at the store's size: it fixes the size (when not given) and
     the channels. Unreadable files before it are reported with the others, by the workers.
 
@@ -221,9 +268,9 @@ def _first_image(entries: list[Entry], cfg: PrepareConfig) -> np.ndarray:
         DataError: the first of the files' errors, when none of the first 100 can be read.
     """
     first_error: DataError | None = None
-    for entry in entries[:100]:
+    for entry, frame in list(zip(entries, frames))[:100]:
         try:
-            return decode(entry.path, cfg.size, cfg.channels, cfg)[0]
+            return decode(entry.path, cfg.size, cfg.channels, cfg, frame)[0]
         except DataError as e:
             first_error = first_error or e
     assert first_error is not None
@@ -235,6 +282,7 @@ class _Job:
     store: str
     positions: list[int]
     paths: list[str]
+    frames: list[int | None]
     size: int
     channels: int
     cfg: PrepareConfig
@@ -248,10 +296,11 @@ def _decode_chunk(job: _Job) -> list[tuple[int, tuple[int, ...], str, str]]:
     """
     images = np.load(job.store, mmap_mode="r+")
     out = []
-    for i, path in zip(job.positions, job.paths):
+    checksums: dict[str, str] = {}
+    for i, path, frame in zip(job.positions, job.paths, job.frames):
         try:
-            checksum = file_checksum(Path(path))
-            x, original = decode(path, job.size, job.cfg.channels, job.cfg)
+            checksum = checksums.get(path) or checksums.setdefault(path, file_checksum(Path(path)))
+            x, original = decode(path, job.size, job.cfg.channels, job.cfg, frame)
             if x.shape[0] != job.channels:
                 raise DataError(f"{path}: has {x.shape[0]} channel(s), the store has {job.channels} (from its "
                                 f"first image); pass --channels {job.channels} to convert")
@@ -273,11 +322,11 @@ def _worker_init() -> None:
     torch.set_num_threads(1)  # one decode per core; torch would otherwise oversubscribe
 
 
-def _decode_all(entries: list[Entry], store: Path, size: int, channels: int,
+def _decode_all(entries: list[Entry], frames: list[int | None], store: Path, size: int, channels: int,
                 cfg: PrepareConfig) -> dict[int, tuple[tuple[int, ...], str, str]]:
-    """Decode every entry into ``store``; position -> (original shape, checksum, reason)."""
+    """Decode every row into ``store``; position -> (original shape, checksum, reason)."""
     jobs = [_Job(str(store), list(range(a, min(a + CHUNK, len(entries)))),
-                 [e.path for e in entries[a:a + CHUNK]], size, channels, cfg)
+                 [e.path for e in entries[a:a + CHUNK]], frames[a:a + CHUNK], size, channels, cfg)
             for a in range(0, len(entries), CHUNK)]
     records: dict[int, tuple[tuple[int, ...], str, str]] = {}
 
@@ -353,13 +402,16 @@ def _describe(images_path: Path, entries: list[Entry], records: list[tuple[tuple
                 images_bytes=st.st_size, images_mtime_ns=st.st_mtime_ns, images_checksum=file_checksum(images_path))
 
 
-def _write_manifest(path: Path, entries: list[Entry], records: list[tuple[tuple[int, ...], str, str]],
-                    class_names: tuple[str, ...], spatial_dims: int) -> None:
+def _write_manifest(path: Path, entries: list[Entry], frames: list[int | None] | None,
+                    records: list[tuple[tuple[int, ...], str, str]], class_names: tuple[str, ...],
+                    spatial_dims: int) -> None:
     from medlatent.data.manifest import columns
     from medlatent.data.store import save_csv
 
     cols: dict[str, list] = {"index": list(range(len(entries)))}
     cols.update(columns(Manifest(entries, class_names, "")))
+    if frames is not None:
+        cols["slice"] = ["" if f is None else f for f in frames]
     names = ("depth", "height", "width")[3 - spatial_dims:]
     for j, name in enumerate(names):
         cols[name] = [r[0][j] if len(r[0]) > j else "" for r in records]
