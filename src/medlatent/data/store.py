@@ -287,17 +287,24 @@ def open_store(path: Path) -> Dataset:
     expected = (meta["count"], meta["channels"]) + (meta["size"],) * meta["spatial_dims"]
     if tuple(images.shape) != expected:
         raise DataError(f"{images_path}: holds {tuple(images.shape)}, store.json says {expected}; prepare it again")
-    with (path / "manifest.csv").open(newline="") as f:
-        rows = list(csv.DictReader(f))
-    if len(rows) != meta["count"]:
-        raise DataError(f"{path / 'manifest.csv'}: has {len(rows)} rows, the store {meta['count']}; prepare it again")
     names = list(meta["class_names"])
     lookup = {n: i for i, n in enumerate(names)}
-    labels = torch.tensor([[lookup.get(r["label"], -1)] for r in rows], dtype=torch.int64)
+    paths, label_list = [], []
+    with (path / "manifest.csv").open(newline="") as f:  # row by row: no per-row dicts kept
+        reader = csv.reader(f)
+        header = next(reader, [])
+        at_path, at_label = header.index("path"), header.index("label")
+        for row in reader:
+            paths.append(row[at_path])
+            label_list.append(lookup.get(row[at_label], -1))
+    if len(paths) != meta["count"]:
+        raise DataError(f"{path / 'manifest.csv'}: has {len(paths)} rows, the store {meta['count']}; prepare it again")
+    labels = torch.tensor(label_list, dtype=torch.int64)[:, None]
+    del label_list
     splits = {}
     for split, (a, b) in meta["splits"].items():
         split_labels = labels[a:b] if names else None
-        splits[split] = ImageSet(images[a:b], split_labels, [r["path"] for r in rows[a:b]])
+        splits[split] = ImageSet(images[a:b], split_labels, paths[a:b])
     ds = Dataset(path.name, meta["task"], tuple(names), splits, str(path),
                  info=dict(store="yes", labelled=str(meta["labelled"])))
     ds.stats = (meta["mean"], meta["std"])
