@@ -283,7 +283,7 @@ def open_store(path: Path) -> Dataset:
         if got != meta["images_checksum"]:
             raise DataError(f"{images_path}: changed after it was prepared (checksum {got}, store.json has "
                             f"{meta['images_checksum']}); run `medlatent data prepare` again")
-    images = torch.from_numpy(np.load(images_path, mmap_mode="c"))  # copy-on-write: writable, never written
+    images = _read_only_map(images_path)
     expected = (meta["count"], meta["channels"]) + (meta["size"],) * meta["spatial_dims"]
     if tuple(images.shape) != expected:
         raise DataError(f"{images_path}: holds {tuple(images.shape)}, store.json says {expected}; prepare it again")
@@ -309,3 +309,21 @@ def open_store(path: Path) -> Dataset:
                  info=dict(store="yes", labelled=str(meta["labelled"])))
     ds.stats = (meta["mean"], meta["std"])
     return ds
+
+
+def _read_only_map(path: Path) -> torch.Tensor:
+    """A .npy file as a tensor over a read-only memory map (nothing is read until indexed).
+
+    Read-only, not copy-on-write: Linux refuses a private writable mapping larger than RAM +
+    swap (overcommit), and runs never write into their images. torch warns that it cannot
+    mark a tensor read-only; that warning is silenced here, where it is expected.
+    """
+    import warnings
+
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot map the store's images ({e}); prepare it again") from None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
