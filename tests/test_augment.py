@@ -181,3 +181,22 @@ def test_warp_grid_equals_torch_affine_grid():
         assert torch.allclose(ops.affine_grid(theta, size), grid, atol=1e-6)
         ref = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         assert torch.allclose(ops.warp(x, theta, size, "reflection"), ref, atol=1e-5)
+
+
+def test_cpu_blur_in_chunks_of_the_chosen_samples_equals_one_convolution_of_all() -> None:
+    """The CPU path (only samples drawn for blurring, a few per call) gives the values of one
+    grouped convolution over the whole batch followed by the per-sample choice."""
+    import math
+
+    x = torch.rand(160, 3, 96, 96)  # about 80 drawn: more than one chunk (37 at this size)
+    sigma = (0.1, 2.0)
+    got = ops.gaussian_blur(x, 0.5, sigma, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    mask, s = ops.coin(g, 160, 0.5), ops.uniform(g, 160, *sigma)
+    radius = math.ceil(3 * sigma[1])
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t[None] / s[:, None]) ** 2)
+    k = k / k.sum(1, keepdim=True)
+    want = ops._select(mask, ops._separable_all(x, k, radius), x)
+    assert 37 < int(mask.sum()) < 160 and torch.equal(got, want)
+    assert torch.equal(got[~mask], x[~mask])
