@@ -25,6 +25,8 @@ _LAZY = {
     "load_medmnist": "medlatent.data.medmnist",
     "load_dataset": "medlatent.data.sources",
     "load_folder": "medlatent.data.folders",
+    "open_store": "medlatent.data.store",
+    "prepare_store": "medlatent.api",
     "PretrainConfig": "medlatent.config",
     "pretrain": "medlatent.api",
     "probe": "medlatent.api",
