@@ -189,7 +189,7 @@ class _Plan:
     device: torch.device
 
 
-def _plan(cfg: PretrainConfig) -> _Plan:
+def _plan(cfg: PretrainConfig, resume: bool = False) -> _Plan:
     """Resolve and check everything a run needs, writing nothing: method options, data, the
     training split, the model, the views, and whether it all fits in memory."""
     from medlatent.augment.views import ViewRecipe, resolve
@@ -233,6 +233,10 @@ def _plan(cfg: PretrainConfig) -> _Plan:
     dist.init_from_env(device)
     torch.manual_seed(cfg.train.seed)  # weight initialisation
     encoder = build_backbone(cfg.backbone, data.channels, cfg.data.size, data.spatial_dims)
+    if cfg.backbone.init and not resume:  # before the method is built: heads and teachers start from these weights
+        from medlatent.adapt.external import init_encoder
+
+        _log.info(f"init: {cfg.backbone.init}: {init_encoder(encoder, cfg.backbone.init).summary()}")
     labels = None
     if spec.uses_labels and getattr(options, "conditional", False) and data.task is not None \
             and not data.task.startswith("multi-label"):
@@ -267,7 +271,7 @@ def _plan(cfg: PretrainConfig) -> _Plan:
 def _train(run: RunDir, cfg: PretrainConfig, resume: bool, on_progress: Callable[[Progress], None] | None,
            should_stop: Callable[[], bool] | None, plan: _Plan | None = None) -> FitResult:
     """Write the run's config and facts, train, and export the encoder when finished."""
-    plan = plan or _plan(cfg)
+    plan = plan or _plan(cfg, resume)  # a resumed run's weights come from its checkpoint
     data, method, device = plan.data, plan.method, plan.device
     autocast = resolve_precision(cfg.train.precision, device)
     channels_last = resolve_channels_last(cfg.train.channels_last, trunk(method))

@@ -269,6 +269,11 @@ class BackboneConfig:
     # ImageNet stem would leave 7 px for the first stage), imagenet from 128 px (13x faster
     # than the cifar stem there on this CPU; a 224-px image then costs what it costs everyone).
     stem: Literal["cifar", "imagenet"] | None = None
+    # Start from existing weights instead of random ones (continued pretraining, as REMEDIS
+    # does): a medlatent run folder, or a .safetensors/.pt/.pth state dict in MONAI, timm,
+    # DINO/DINOv2, MAE or torchvision layout. Tensors matching by name and shape are loaded and
+    # the rest reported; heads and teachers are built around the loaded encoder. None: random.
+    init: str | None = None
 
 
 @dataclass

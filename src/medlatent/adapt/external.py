@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from medlatent.errors import CheckpointError
 from medlatent.nets.backbones import ViTEncoder, interpolate_positions
@@ -145,3 +146,47 @@ def vit_from_weights(path: str | Path, in_channels: int, img_size: int, num_head
     report.loaded = sorted(usable)
     vit.load_state_dict(usable, strict=False)
     return vit, report
+
+
+def init_encoder(encoder: nn.Module, source: str | Path) -> LoadReport:
+    """Start ``encoder`` from existing weights (``pretrain --init``), in place.
+
+    ``source`` is a medlatent run folder (its newest encoder), or a ``.safetensors``/``.pt``/
+    ``.pth`` file in MONAI, timm, DINO/DINOv2 or MAE layout (ViTs: renamed, class-token
+    position folded, positions interpolated, by :func:`vit_from_weights`) or MONAI/torchvision
+    layout (ResNets: the same key names; a 3-channel first convolution is summed for grayscale).
+    Tensors whose name and shape match are loaded; the rest is reported.
+
+    Raises:
+        CheckpointError: unreadable source, or nothing in it matches the encoder.
+    """
+    path = Path(source)
+    ours = encoder.state_dict()
+    report = LoadReport()
+    if path.is_dir():
+        from medlatent.methods.saved import load_encoder
+
+        state = {k: v for k, v in load_encoder(path)[0].state_dict().items()}
+    elif isinstance(encoder, ViTEncoder):
+        vit, vit_report = vit_from_weights(path, encoder.in_channels, _vit_side(encoder), encoder.blocks[0].attn.num_heads)
+        state, report.notes = vit.state_dict(), vit_report.notes
+    else:
+        state = to_monai_names(read_state_dict(path))
+        first = ours.get("conv1.weight")
+        if first is not None and "conv1.weight" in state and state["conv1.weight"].shape[1] != first.shape[1] \
+                and first.shape[1] == 1:
+            state["conv1.weight"] = state["conv1.weight"].sum(1, keepdim=True)
+            report.notes.append("first convolution summed over its input channels for grayscale images")
+    usable = {k: v for k, v in state.items() if k in ours and ours[k].shape == v.shape}
+    if not usable:
+        raise CheckpointError(f"{path}: no tensor matches the encoder by name and shape (the file has e.g. "
+                              f"{', '.join(list(state)[:3])}; the encoder has e.g. {', '.join(list(ours)[:3])})")
+    report.loaded = sorted(usable)
+    report.unexpected = sorted(k for k in state if k not in usable)
+    report.missing = sorted(k for k in ours if k not in usable and "num_batches_tracked" not in k)
+    encoder.load_state_dict(usable, strict=False)
+    return report
+
+
+def _vit_side(vit: ViTEncoder) -> int:
+    return round(vit.num_patches ** (1 / vit.spatial_dims)) * vit.patch_size

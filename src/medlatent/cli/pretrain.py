@@ -17,10 +17,13 @@ from medlatent.cli.common import train, training_command
                    "[default: resnet18-quarter]")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd", "lars"]), default=None)
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the encoder.")
+@click.option("--init", default=None, help="Start from these weights: a run folder, or a timm/DINO/MAE/MONAI "
+              "state dict (.safetensors, .pt, .pth).")
 @training_command
 def pretrain(method: str | None, backbone: str | None, optimizer: str | None, compile_: bool | None,
-             **kwargs: Any) -> None:
+             init: str | None, **kwargs: Any) -> None:
     """Learn an encoder from unlabelled images (labels are never read)."""
-    own = {"method": method, "backbone.name": backbone, "optim.name": optimizer, "train.compile": compile_}
+    own = {"method": method, "backbone.name": backbone, "optim.name": optimizer, "train.compile": compile_,
+           "backbone.init": init}
     train(kwargs, own, {"--method": method, "--backbone": backbone, "--optimizer": optimizer,
-                        "--compile/--no-compile": compile_})
+                        "--compile/--no-compile": compile_, "--init": init})
