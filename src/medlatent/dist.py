@@ -1,6 +1,8 @@
-"""Distributed helpers (plain torch.distributed, as launched by ``torchrun``).
+"""Distributed helpers (plain torch.distributed, as launched by ``torchrun``), and whether a
+process still lives (for the temporaries a killed process leaves behind).
 
-Every function is a no-op or identity in a single process, so methods call them unconditionally.
+Every distributed function is a no-op or identity in a single process, so methods call them
+unconditionally.
 """
 
 from __future__ import annotations
@@ -106,4 +108,15 @@ def init_from_env(device: torch.device) -> bool:
         torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
+    return True
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one owned by another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
     return True

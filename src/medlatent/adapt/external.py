@@ -168,7 +168,7 @@ def init_encoder(encoder: nn.Module, source: str | Path) -> LoadReport:
 
         state = {k: v for k, v in load_encoder(path)[0].state_dict().items()}
     elif isinstance(encoder, ViTEncoder):
-        vit, vit_report = vit_from_weights(path, encoder.in_channels, _vit_side(encoder), encoder.blocks[0].attn.num_heads)
+        vit, vit_report = vit_from_weights(path, encoder.in_channels, encoder.img_size, encoder.blocks[0].attn.num_heads)
         state, report.notes = vit.state_dict(), vit_report.notes
     else:
         state = to_monai_names(read_state_dict(path))
@@ -187,6 +187,3 @@ def init_encoder(encoder: nn.Module, source: str | Path) -> LoadReport:
     encoder.load_state_dict(usable, strict=False)
     return report
 
-
-def _vit_side(vit: ViTEncoder) -> int:
-    return round(vit.num_patches ** (1 / vit.spatial_dims)) * vit.patch_size

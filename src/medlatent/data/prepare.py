@@ -39,6 +39,7 @@ from typing import Literal
 import numpy as np
 
 from medlatent import progress
+from medlatent.dist import process_alive
 from medlatent.config import bounded, check_ranges
 from medlatent.data.manifest import Entry, Manifest, assign_splits
 from medlatent.data.store import channel_stats, file_checksum
@@ -501,15 +502,5 @@ def _remove_stale_temporaries(output: Path) -> None:
     """Hidden build folders of ``prepare`` processes that no longer exist (killed runs)."""
     for tmp in output.parent.glob(f".{output.name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

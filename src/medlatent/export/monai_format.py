@@ -34,7 +34,7 @@ def monai_network(encoder: nn.Module) -> tuple[str, dict[str, Any], dict[str, to
     if isinstance(encoder, ViTEncoder):
         d = encoder.out_dim
         block = encoder.blocks[0]
-        kwargs = dict(in_channels=encoder.in_channels, img_size=_img_size(encoder), patch_size=encoder.patch_size,
+        kwargs = dict(in_channels=encoder.in_channels, img_size=encoder.img_size, patch_size=encoder.patch_size,
                       hidden_size=d, mlp_dim=int(block.mlp.linear1.out_features), num_layers=len(encoder.blocks),
                       num_heads=int(block.attn.num_heads), proj_type="conv", pos_embed_type="learnable",
                       classification=True, num_classes=d, post_activation=None, qkv_bias=True, dropout_rate=0.0,
@@ -43,10 +43,6 @@ def monai_network(encoder: nn.Module) -> tuple[str, dict[str, Any], dict[str, to
         state["classification_head.bias"] = torch.zeros(d)
         return "monai.networks.nets.ViT", kwargs, state, encoder.pool
     raise ConfigError(f"export: no MONAI class for a {type(encoder).__name__} encoder")
-
-
-def _img_size(vit: ViTEncoder) -> int:
-    return round(vit.num_patches ** (1 / vit.spatial_dims)) * vit.patch_size
 
 
 def build(class_path: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -158,6 +158,7 @@ class ViTEncoder(nn.Module):
         self.in_channels = in_channels
         self.spatial_dims = spatial_dims
         self.patch_size = patch_size
+        self.img_size = img_size  # the side its position embeddings were built for
         self.num_patches = (img_size // patch_size) ** spatial_dims
         self.prefers_channels_last = False
 

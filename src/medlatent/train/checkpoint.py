@@ -31,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from medlatent.dist import process_alive
 from medlatent.errors import CheckpointError
 
 _NAME = re.compile(r"^step-(\d{8})$")
@@ -89,20 +90,10 @@ def prune(folder: Path, keep: int) -> None:
     (and those of processes that no longer exist); another live process's are never touched."""
     for p in folder.iterdir():
         m = _TMP.match(p.name)
-        if m and (int(m.group(1)) == os.getpid() or not _alive(int(m.group(1)))):
+        if m and (int(m.group(1)) == os.getpid() or not process_alive(int(m.group(1)))):
             shutil.rmtree(p, ignore_errors=True)
     for p in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def load(path: Path, with_optimizer: bool = True) -> Checkpoint:
