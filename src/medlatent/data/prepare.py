@@ -114,11 +114,11 @@ def prepare(manifest: Manifest, output: str | os.PathLike[str], cfg: PrepareConf
     if not entries:
         raise DataError(f"{manifest.source}: no images")
     fingerprint = _fingerprint(entries, manifest.class_names, cfg)
-    entries, frames = _expand_slices(entries, cfg)  # one row per image (per slice with cfg.slices)
     found = _existing(output, fingerprint, overwrite)
     if found is not None:
         return dataclasses.replace(found, seconds=time.perf_counter() - t0)
     _remove_stale_temporaries(output)
+    entries, frames = _expand_slices(entries, cfg)  # one row per image (per slice with cfg.slices)
 
     first = _first_image(entries, frames, cfg)  # fixes size and channels (C, *S)
     channels, size = first.shape[0], first.shape[-1]
