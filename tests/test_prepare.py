@@ -238,6 +238,82 @@ def test_volumes_make_a_five_dimensional_store(tmp_path: Path) -> None:
     assert (rows[0]["depth"], rows[0]["height"], rows[0]["width"]) == ("20", "24", "22")
 
 
+def _dicom_slice(path: Path, hu: np.ndarray, instance: int, window: tuple[int, int] | None = (40, 400)) -> None:
+    """One CT slice as a DICOM file: stored values hu + 1024, RescaleIntercept -1024."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = *hu.shape, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+    if window:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.InstanceNumber = instance
+    ds.ImageOrientationPatient, ds.ImagePositionPatient = [1, 0, 0, 0, 1, 0], [0, 0, float(instance)]
+    ds.PixelData = (hu + 1024).astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_series_folders_become_volumes_in_instance_order(tmp_path: Path) -> None:
+    """With spatial_dims=3 the .dcm slices of one folder are one (1, D, H, W) volume, slices in
+    InstanceNumber order (not file-name order), windowed by the header; a CSV row may name the
+    series folder; changing one slice changes the store's fingerprint and checksum."""
+    root = tmp_path / "ct"
+    for cls, patients in (("a", ("p1", "p2")), ("b", ("p3",))):
+        for p in patients:
+            for z in range(8):  # slice z: -160 + 40 z HU -> 8 steps of 0.1 of the window (40, 400)
+                hu = np.full((8, 8), -160 + 40 * z, np.int16)
+                _dicom_slice(root / cls / p / f"img{7 - z:02d}.dcm", hu, instance=z + 1)  # names reversed
+    store = prepare(mf.read_folder(root), tmp_path / "store", PrepareConfig(size=8, spatial_dims=3,
+                                                                           split=(1.0, 0.0, 0.0)))
+    ds = open_store(tmp_path / "store")
+    images = ds.splits["train"].images
+    assert store.count == 3 and images.shape == (3, 1, 8, 8, 8)
+    levels = images[0, 0, :, 4, 4].float() / 255  # (D,): one value per slice
+    assert torch.allclose(levels, torch.arange(8) * 0.1, atol=1 / 255)  # ordered by InstanceNumber
+    rows = list(csv.DictReader((tmp_path / "store" / "manifest.csv").open()))
+    assert [Path(r["path"]).name for r in rows] == ["p1", "p2", "p3"] and [r["label"] for r in rows] == ["a", "a", "b"]
+    assert (rows[0]["depth"], rows[0]["height"], rows[0]["width"]) == ("8", "8", "8")
+
+    table = tmp_path / "series.csv"
+    table.write_text(f"path,label\n{root / 'a' / 'p1'},x\n{root / 'b' / 'p3'},y\n")
+    prepare(mf.read_csv(table), tmp_path / "from_csv", PrepareConfig(size=8, spatial_dims=3, split=(1.0, 0.0, 0.0)))
+    assert torch.equal(open_store(tmp_path / "from_csv").splits["train"].images[0], images[0])
+
+    old = json.loads((tmp_path / "store" / "store.json").read_text())["fingerprint"]
+    _dicom_slice(root / "a" / "p1" / "img00.dcm", np.full((8, 8), 0, np.int16), instance=8)
+    with pytest.raises(DataError, match="other inputs|--overwrite"):
+        prepare(mf.read_folder(root), tmp_path / "store", PrepareConfig(size=8, spatial_dims=3, split=(1.0, 0.0, 0.0)))
+    prepare(mf.read_folder(root), tmp_path / "store", PrepareConfig(size=8, spatial_dims=3, split=(1.0, 0.0, 0.0)),
+            overwrite=True)
+    assert json.loads((tmp_path / "store" / "store.json").read_text())["fingerprint"] != old
+
+
+def test_dicom_series_bad_input_is_one_line(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no slices here")
+    table = tmp_path / "t.csv"
+    table.write_text(f"path,label\n{empty},x\n")
+    with pytest.raises(DataError, match=r"row 2: .*is a folder without \.dcm files"):
+        mf.read_csv(table)
+    mixed = tmp_path / "mixed.csv"
+    for z in range(2):
+        _dicom_slice(tmp_path / "s" / f"{z}.dcm", np.zeros((8, 8), np.int16), instance=z + 1)
+    mixed.write_text(f"path,label\n{tmp_path / 's' / '0.dcm'},x\n{tmp_path / 's' / '1.dcm'},y\n")
+    with pytest.raises(DataError, match=r"one DICOM series, but row 2 has label 0 and row 3 has 1"):
+        prepare(mf.read_csv(mixed), tmp_path / "st", PrepareConfig(size=8, spatial_dims=3))
+
+
 def test_two_workers_write_the_same_store_as_one(tmp_path: Path) -> None:
     root = _folder(tmp_path / "imgs", 70)  # more than two chunks
     prepare(mf.read_folder(root), tmp_path / "one", PrepareConfig(size=16))

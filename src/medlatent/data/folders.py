@@ -172,9 +172,18 @@ def _is_image(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(EXTENSIONS)
 
 
+def dicom_files(folder: Path) -> list[Path]:
+    """The visible ``.dcm`` files directly in ``folder``, sorted (the slices of a series)."""
+    return sorted(p for p in folder.iterdir() if _is_image(p) and p.name.lower().endswith(".dcm"))
+
+
 def read_image(path: Path) -> np.ndarray:
-    """One file -> array (C, *spatial) in the file's own value range and dtype."""
+    """One file -> array (C, *spatial) in the file's own value range and dtype; a folder of DICOM
+    slices (a series) -> (1, D, H, W), slices in InstanceNumber order, rescale slope and
+    intercept applied (MONAI's ``PydicomReader``)."""
     name = path.name.lower()
+    if path.is_dir():
+        return _read_series(path)
     try:
         if name.endswith((".tif", ".tiff")):
             a = _tifffile().imread(path)
@@ -197,6 +206,26 @@ def read_image(path: Path) -> np.ndarray:
     else:
         a = a[None]
     return a
+
+
+def _read_series(folder: Path) -> np.ndarray:
+    """A DICOM series folder -> (1, D, H, W)."""
+    if not dicom_files(folder):
+        raise DataError(f"{folder}: a folder without .dcm files; expected a DICOM series")
+    _require("pydicom", folder)
+    from monai.data import PydicomReader
+
+    try:
+        reader = PydicomReader(swap_ij=False)
+        a = np.asarray(reader.get_data(reader.read(str(folder)))[0])  # a folder: one series
+    except Exception as e:  # readers raise many types; the user needs the folder and the reason
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{folder}: cannot read as a DICOM series ({msg})") from None
+    if a.ndim == 2:  # a series of one slice
+        a = a[..., None]
+    if a.ndim != 3:
+        raise DataError(f"{folder}: a DICOM series of shape {a.shape}; expected grayscale slices (H, W) each")
+    return np.moveaxis(a, -1, 0)[None]  # (H, W, D) -> (1, D, H, W)
 
 
 def prepare_image(path: Path, size: int, spatial_dims: int, normalize: Normalize,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medlatent.data.folders import SPLIT_NAMES, _discover, _images_under
+from medlatent.data.folders import SPLIT_NAMES, _discover, _images_under, dicom_files
 from medlatent.errors import DataError
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -33,7 +33,7 @@ class Entry:
     """One image file of a manifest.
 
     Attributes:
-        path: absolute path of the image file (files only: a DICOM series folder is not supported).
+        path: absolute path of the image file, or of a DICOM series folder (one volume).
         label: class index into ``Manifest.class_names``; None when unlabelled.
         split: "train", "val" or "test"; None until assigned (see :func:`assign_splits`).
         group: patient / slide / study id; None when the image belongs to no group.
@@ -220,6 +220,42 @@ def read_manifest(path: str | Path, labels: str | Path | None = None, root: str 
     return Manifest(m.entries + extra, m.class_names, m.source)
 
 
+def dicom_series(m: Manifest) -> Manifest:
+    """Volumes from DICOM slices: the ``.dcm`` files of one folder become one entry, the folder,
+    read as one (D, H, W) volume (a series: MONAI's ``PydicomReader``, slices in InstanceNumber
+    order). Other entries, and series folders already named, are kept; the order is that of
+    each folder's first slice. ``prepare`` applies it for ``spatial_dims=3``.
+
+    Raises:
+        DataError: the slices of one folder carry different labels, splits or groups (the
+            folder and the two slices are named).
+    """
+    by_folder: dict[str, list[Entry]] = {}
+    out: list[Entry | str] = []
+    for e in m.entries:
+        if not e.path.lower().endswith(".dcm"):
+            out.append(e)
+            continue
+        folder = os.path.dirname(e.path)
+        if folder not in by_folder:
+            by_folder[folder] = []
+            out.append(folder)
+        by_folder[folder].append(e)
+    entries = []
+    for item in out:
+        if isinstance(item, Entry):
+            entries.append(item)
+            continue
+        first, *rest = by_folder[item]
+        for e in rest:
+            for key in ("label", "split", "group"):
+                if getattr(e, key) != getattr(first, key):
+                    raise DataError(f"{item}: one DICOM series, but {_where(first)} has {key} {getattr(first, key)!r} "
+                                    f"and {_where(e)} has {getattr(e, key)!r}; give every slice of a series the same {key}")
+        entries.append(replace(first, path=item))
+    return Manifest(entries, m.class_names, m.source)
+
+
 def assign_splits(m: Manifest, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> Manifest:
     """Draw train/val/test for a manifest without splits; one with splits is returned unchanged.
 
@@ -359,10 +395,11 @@ def _existing_file(source: str, row: int, cell: str, root: Path, path_col: str) 
     if not cell:
         raise DataError(f"{source}: row {row}: empty '{path_col}' cell; expected an image file")
     full = os.path.abspath(cell if os.path.isabs(cell) else root / cell)
-    if not os.path.isfile(full):
-        folder = "is a folder (DICOM series folders are not supported: list files)"
-        what = folder if os.path.isdir(full) else "not found"
-        raise DataError(f"{source}: row {row}: '{cell}' {what} (looked at {full})")
+    if os.path.isdir(full) and not dicom_files(Path(full)):
+        raise DataError(f"{source}: row {row}: '{cell}' is a folder without .dcm files (looked at {full}); "
+                        "expected an image file or a DICOM series folder")
+    if not os.path.exists(full):
+        raise DataError(f"{source}: row {row}: '{cell}' not found (looked at {full})")
     return full
 
 

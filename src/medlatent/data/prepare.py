@@ -41,7 +41,8 @@ import numpy as np
 from medlatent import progress
 from medlatent.dist import process_alive
 from medlatent.config import bounded, check_ranges
-from medlatent.data.manifest import Entry, Manifest, assign_splits
+from medlatent.data.folders import dicom_files
+from medlatent.data.manifest import Entry, Manifest, assign_splits, dicom_series
 from medlatent.data.store import channel_stats, file_checksum
 from medlatent.errors import DataError
 
@@ -108,6 +109,8 @@ def prepare(manifest: Manifest, output: str | os.PathLike[str], cfg: PrepareConf
     cfg = cfg or PrepareConfig()
     check_ranges(cfg, "prepare")
     output = Path(output)
+    if cfg.spatial_dims == 3:
+        manifest = dicom_series(manifest)  # the .dcm slices of one folder: one volume
     manifest = assign_splits(manifest, cfg.split, cfg.seed) if any(e.split is None for e in manifest.entries) \
         else manifest
     entries = sorted(manifest.entries, key=lambda e: SPLIT_ORDER.index(e.split))  # stable within a split
@@ -232,8 +235,8 @@ def _normalization(path: Path, a: np.ndarray, cfg: PrepareConfig) -> tuple[str, 
         return cfg.normalize, cfg.window
     if a.dtype == np.uint8:
         return "none", cfg.window
-    if path.name.lower().endswith(".dcm"):
-        window = _dicom_window(path)
+    if path.name.lower().endswith(".dcm") or path.is_dir():  # a file, or a series: its first slice's header
+        window = _dicom_window(path if not path.is_dir() else dicom_files(path)[0])
         if window is not None:
             return "window", window
     return "percentile", cfg.window
@@ -436,13 +439,17 @@ def _fingerprint(entries: list[Entry], class_names: tuple[str, ...], cfg: Prepar
     """sha256 over the options and every file's path, size, mtime, label, split and group."""
     h = hashlib.sha256(json.dumps([_options(cfg), list(class_names)], sort_keys=True, default=list).encode())
     for e in entries:
-        try:
-            st = os.stat(e.path)
-            stamp = (st.st_size, st.st_mtime_ns)
-        except OSError:
-            stamp = (-1, -1)
-        h.update(json.dumps([e.path, e.label, e.split, e.group, *stamp]).encode())
+        h.update(json.dumps([e.path, e.label, e.split, e.group, *_stamp(Path(e.path))]).encode())
     return h.hexdigest()
+
+
+def _stamp(path: Path) -> list[int]:
+    """A file's (size, mtime); a series folder's, slice by slice; (-1, -1) when it is missing."""
+    try:
+        files = dicom_files(path) if path.is_dir() else [path]
+        return [v for f in files for v in (f.stat().st_size, f.stat().st_mtime_ns)]
+    except OSError:
+        return [-1, -1]
 
 
 def _existing(output: Path, fingerprint: str, overwrite: bool) -> PreparedStore | None:

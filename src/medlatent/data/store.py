@@ -220,13 +220,21 @@ def channel_stats(images: torch.Tensor | np.ndarray, max_images: int = 20000,
 
 
 def file_checksum(path: Path, chunk: int = 1 << 20) -> str:
-    """BLAKE2b-128 of a file's bytes (hex): fast, and enough to tell a changed file."""
+    """BLAKE2b-128 of a file's bytes (hex): fast, and enough to tell a changed file. For a DICOM
+    series folder: of its ``.dcm`` files' names and bytes, in name order."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=16)
-    with path.open("rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    files = [path]
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.name.lower().endswith(".dcm")
+                       and not f.name.startswith("."))
+    for file in files:
+        if path.is_dir():
+            h.update(file.name.encode())
+        with file.open("rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
     return h.hexdigest()
 
 
