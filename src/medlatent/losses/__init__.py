@@ -1,9 +1,9 @@
 """Losses: small nn.Modules with the paper and formula in the docstring."""
 
 from medlatent.losses.contrastive import BatchContrastLoss, InfoNCELoss, TripletLoss
-from medlatent.losses.distillation import BYOLLoss, DINOLoss
+from medlatent.losses.distillation import BYOLLoss, DINOLoss, IBOTPatchLoss, KoLeoLoss, sinkhorn_knopp
 from medlatent.losses.ntxent import NTXentLoss
 from medlatent.losses.reconstruction import MaskedPatchLoss
 
 __all__ = ["NTXentLoss", "InfoNCELoss", "BatchContrastLoss", "TripletLoss", "BYOLLoss", "DINOLoss",
-           "MaskedPatchLoss"]
+           "IBOTPatchLoss", "KoLeoLoss", "sinkhorn_knopp", "MaskedPatchLoss"]

@@ -16,6 +16,7 @@ METHODS: dict[str, str] = {
     "mocov3": "medlatent.ssl.mocov3",
     "byol": "medlatent.ssl.byol",
     "dino": "medlatent.ssl.dino",
+    "dinov2": "medlatent.ssl.dinov2",
     "mae": "medlatent.ssl.mae",
     "ijepa": "medlatent.ssl.ijepa",
     "rotation": "medlatent.ssl.rotation",

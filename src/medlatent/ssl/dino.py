@@ -63,14 +63,8 @@ class DINO(nn.Module):
         self.register_buffer("progress", torch.zeros(2))  # (step, total): schedules survive resume
 
     def current_teacher_temp(self) -> float:
-        """The teacher temperature of the coming step: linear from ``warmup_teacher_temp`` to
-        ``teacher_temp`` over the warm-up, then constant (Caron et al. 2021; the reference code's
-        ``np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs)`` starts at the warm-up
-        value). Before the first step ``progress`` is (0, 0), which is step 0 of a warm-up."""
-        step, total = (int(v) for v in self.progress.tolist())
-        if total == 0:
-            return self.warmup_teacher_temp if self.warmup_fraction > 0 else self.teacher_temp
-        return linear_warmup(step, int(self.warmup_fraction * total), self.warmup_teacher_temp, self.teacher_temp)
+        """The teacher temperature of the coming step (see :func:`teacher_temperature`)."""
+        return teacher_temperature(self.progress, self.warmup_fraction, self.warmup_teacher_temp, self.teacher_temp)
 
     def forward(self, views: list[torch.Tensor]) -> StepOutput:
         student = self.head(forward_multicrop(self.encoder, views))  # (V * B, K): every crop
@@ -86,6 +80,18 @@ class DINO(nn.Module):
         ema_update(self.teacher_head, self.head, m)
 
 
+def teacher_temperature(progress: torch.Tensor, warmup_fraction: float, warmup_temp: float, temp: float) -> float:
+    """The teacher temperature of the coming step: linear from ``warmup_temp`` to ``temp`` over
+    the first ``warmup_fraction`` of training, then constant (Caron et al. 2021; the reference
+    code's ``np.linspace(warmup_teacher_temp, teacher_temp, warmup_epochs)`` starts at the warm-up
+    value). ``progress`` is the method's (step, total) buffer, so a resumed run continues the
+    schedule; before the first step it is (0, 0), which is step 0 of a warm-up."""
+    step, total = (int(v) for v in progress.tolist())
+    if total == 0:
+        return warmup_temp if warmup_fraction > 0 else temp
+    return linear_warmup(step, int(warmup_fraction * total), warmup_temp, temp)
+
+
 def local_crop_size(size: int) -> int:
     """3/7 of the image side (DINO's 96 of 224), a multiple of 4, at least 8."""
     return max(8, int(round(size * 3 / 7 / 4)) * 4)
@@ -96,15 +102,21 @@ def _build(encoder: nn.Module, o: DINOConfig, context: BuildContext) -> DINO:
                 o.warmup_teacher_temp, o.warmup_teacher_temp_fraction, o.momentum, o.center_momentum)
 
 
-def _views(base: ViewConfig, size: int, o: DINOConfig) -> list[tuple[ViewConfig, int]]:
+def multicrop_views(base: ViewConfig, size: int, n_local_crops: int, global_scale: tuple[float, float],
+                    local_scale: tuple[float, float], local_size: int | None) -> list[tuple[ViewConfig, int]]:
     """DINO's multi-crop: two global crops (blur 1.0 / 0.1 + solarisation 0.2 on the second) and
-    ``n_local_crops`` small crops (blur 0.5), all from the same base distortions."""
+    ``n_local_crops`` small crops (blur 0.5) of side ``local_size`` (None: :func:`local_crop_size`),
+    all from the same base distortions. DINOv2 keeps this recipe."""
     sigma = blur_sigma(size)  # SimCLR's 0.1-2.0 px at 224 px, scaled with the side
-    g1 = dataclasses.replace(base, crop_scale=o.global_scale, blur=1.0, blur_sigma=sigma)
-    g2 = dataclasses.replace(base, crop_scale=o.global_scale, blur=0.1, blur_sigma=sigma, solarize=0.2)
-    local = dataclasses.replace(base, crop_scale=o.local_scale, blur=0.5, blur_sigma=sigma)
-    small = o.local_size or local_crop_size(size)
-    return [(g1, size), (g2, size)] + [(local, small)] * o.n_local_crops
+    g1 = dataclasses.replace(base, crop_scale=global_scale, blur=1.0, blur_sigma=sigma)
+    g2 = dataclasses.replace(base, crop_scale=global_scale, blur=0.1, blur_sigma=sigma, solarize=0.2)
+    local = dataclasses.replace(base, crop_scale=local_scale, blur=0.5, blur_sigma=sigma)
+    small = local_size or local_crop_size(size)
+    return [(g1, size), (g2, size)] + [(local, small)] * n_local_crops
+
+
+def _views(base: ViewConfig, size: int, o: DINOConfig) -> list[tuple[ViewConfig, int]]:
+    return multicrop_views(base, size, o.n_local_crops, o.global_scale, o.local_scale, o.local_size)
 
 
 SPEC = MethodSpec("dino", DINOConfig, _build, _views,
