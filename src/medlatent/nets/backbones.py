@@ -22,7 +22,7 @@ size     ResNet stem (:func:`default_stem`)  ViT patch (tokens)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -102,6 +102,37 @@ class SmallImageResNet(ResNetEncoder):
                  layers: tuple[int, int, int, int] = (2, 2, 2, 2)) -> None:
         super().__init__(in_channels, spatial_dims, width, layers, block="basic", stem="cifar")
 
+
+
+class EncoderStage(NamedTuple):
+    """One stage of a convolutional encoder: ``module`` maps (B, in_channels, *S) to
+    (B, out_channels, *S'), S' = S or S downsampled (stride 2, or 4 for the ImageNet stem)."""
+
+    module: nn.Module
+    in_channels: int
+    out_channels: int
+
+
+def encoder_stages(encoder: ResNetEncoder) -> list[EncoderStage]:
+    """A ResNet's four stages in order: the stem (first convolution, batch norm, ReLU and, for the
+    ImageNet stem, the max-pool) with ``layer1``, then ``layer2``, ``layer3`` and ``layer4``.
+
+    Composed they give the last feature map h, (B, out_dim, *S / 8) with the CIFAR stem; the
+    encoder's output is its global average, ``encoder(x) == encoder.avgpool(h).flatten(1)``.
+    The modules are the encoder's own, not copies: training a stage trains the encoder. Greedy
+    layer-wise pretraining (``ssl/autoencoder.py``) trains them one at a time.
+
+    Raises:
+        TypeError: ``encoder`` is not a :class:`ResNetEncoder` (a ViT has no such stages).
+    """
+    if not isinstance(encoder, ResNetEncoder):
+        raise TypeError(f"{type(encoder).__name__} has no convolutional stages (a ResNetEncoder has four)")
+    stem = [encoder.conv1, encoder.bn1, encoder.act] + ([] if encoder.no_max_pool else [encoder.maxpool])
+    modules = [nn.Sequential(*stem, encoder.layer1), encoder.layer2, encoder.layer3, encoder.layer4]
+    expansion = 4 if encoder.monai_kwargs["block"] == "bottleneck" else 1
+    outs = [w * expansion for w in encoder.monai_kwargs["block_inplanes"]]
+    ins = [encoder.in_channels, *outs[:-1]]
+    return [EncoderStage(m, c_in, c_out) for m, c_in, c_out in zip(modules, ins, outs)]
 
 VIT_POOLS = ("cls", "mean")
 
