@@ -41,8 +41,36 @@ _log = logging.getLogger("medlatent")
 
 
 def default_output(cfg: PretrainConfig) -> Path:
-    name = Path(cfg.data.name).stem if cfg.data.name.endswith(".npz") else Path(cfg.data.name).name
+    """``runs/<data>-<method>-<time>``; a mixture is named by its first source and how many
+    others follow (``bloodmnist+3``)."""
+    first = cfg.data.mixture[0] if cfg.data.mixture else cfg.data.name
+    name = Path(first).stem if first.endswith(".npz") else Path(first).name
+    if cfg.data.mixture:
+        name += f"+{len(cfg.data.mixture) - 1}"
     return Path("runs") / f"{name}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def resolve_views(views: Any, data: Dataset) -> Any:
+    """The run's view config with its data-dependent defaults filled in
+    (:func:`medlatent.augment.views.resolve`: vflip, rot90, color_jitter, grayscale).
+
+    A mixture's rule: a data-dependent default is the one its sources agree on (all
+    orientation-free: flips and 90-degree rotations on; all colour-is-class: colour jitter and
+    grayscale off); where they differ, the generic default (a data set in neither list: no
+    vertical flips or rotations, SimCLR's colour jitter 0.8 and grayscale 0.2). Values the user
+    set are kept as given.
+    """
+    from medlatent.augment.views import resolve
+
+    if not data.parts:
+        return resolve(views, data.name)
+    each = [resolve(views, part.name) for part in data.parts]
+    generic = resolve(views, "")  # no data set's own defaults
+    agreed = {}
+    for f in ("vflip", "rot90", "color_jitter", "grayscale"):
+        values = {getattr(v, f) for v in each}
+        agreed[f] = values.pop() if len(values) == 1 else getattr(generic, f)
+    return dataclasses.replace(generic, **agreed)
 
 
 def make_config(tree: Mapping[str, Any] | None = None, where: str = "config") -> PretrainConfig:
@@ -192,7 +220,7 @@ class _Plan:
 def _plan(cfg: PretrainConfig, resume: bool = False) -> _Plan:
     """Resolve and check everything a run needs, writing nothing: method options, data, the
     training split, the model, the views, and whether it all fits in memory."""
-    from medlatent.augment.views import ViewRecipe, resolve
+    from medlatent.augment.views import ViewRecipe
     from medlatent.data.sources import estimate_store_bytes
     from medlatent.nets.backbones import ENCODERS, VIT_ENCODERS, build_backbone
     from medlatent.methods.contract import BuildContext
@@ -226,6 +254,8 @@ def _plan(cfg: PretrainConfig, resume: bool = False) -> _Plan:
     if cfg.data.size is not None and data.image_size != cfg.data.size:
         raise DataError(f"{data.source}: images are {data.image_size} px but data.size is {cfg.data.size}")
     cfg.data.size = data.image_size  # the run records the side it used
+    if cfg.data.mixture:
+        cfg.data.name = cfg.data.mixture[0]  # what older readers of data.name see: the first source
     _log.info(describe_data(data, cfg.data.split, len(images)))
     if len(images) < cfg.train.batch_size:
         raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(images)} "
@@ -256,7 +286,7 @@ def _plan(cfg: PretrainConfig, resume: bool = False) -> _Plan:
         mean, std = data.stats  # computed once when the store was prepared
     else:
         mean, std = channel_stats(images)
-    recipe = ViewRecipe(spec.views(resolve(cfg.views, data.name), cfg.data.size, options), mean, std)
+    recipe = ViewRecipe(spec.views(resolve_views(cfg.views, data), cfg.data.size, options), mean, std)
     if cfg.train.map_every and not hasattr(method, "encoder"):
         raise ConfigError(f"train.map_every: {cfg.method} has no encoder whose embeddings could be mapped")
     per_rank = cfg.train.batch_size // dist.world_size()
@@ -283,7 +313,7 @@ def _train(run: RunDir, cfg: PretrainConfig, resume: bool, on_progress: Callable
             name=data.name, source=data.source, task=data.task, class_names=list(data.class_names),
             channels=data.channels, spatial_dims=data.spatial_dims, image_size=data.image_size,
             split=cfg.data.split, n_images=len(plan.images), mean=plan.mean, std=plan.std,
-            condition_classes=plan.n_classes))
+            condition_classes=plan.n_classes, **_mixture_facts(data, plan.images)))
         run.write_json("env.json", environment(dict(
             device=str(device), world_size=dist.world_size(),
             autocast=str(autocast).replace("torch.", "") if autocast else "fp32",
@@ -310,6 +340,17 @@ def _train(run: RunDir, cfg: PretrainConfig, resume: bool, on_progress: Callable
     return result
 
 
+def _mixture_facts(data: Dataset, images: Any) -> dict[str, Any]:
+    """For a mixture's data.json: each source's name, file, training images, channels (as
+    stored) and share of the batches; nothing for one data set."""
+    if not data.parts:
+        return {}
+    shares = images.shares or [n / len(images) for n in images.sizes]
+    return dict(mixture=[dict(name=p.name, source=p.source, n_images=n, channels=p.channels, share=share,
+                              weighted=images.shares is not None)
+                         for p, n, share in zip(data.parts, images.sizes, shares)])
+
+
 def _track_final(tracked: trackers.Trackers, run: RunDir, cfg: PretrainConfig, result: FitResult) -> None:
     """The final metrics and the training-curve figure, to the run's trackers."""
     from medlatent.report.figures import training_curves_figure
@@ -334,15 +375,17 @@ def _map_during_training(encoder: nn.Module, data: Dataset, cfg: PretrainConfig,
 
     split = "val" if "val" in data.splits and cfg.data.split != "val" else cfg.data.split
     images = data.split(split)
+    labels, names = images.labels, list(data.class_names)
+    if data.parts:  # a mixture: points coloured by their source
+        labels, names = images.images.source_ids()[:, None], [p.name for p in data.parts]
 
     def draw(points: MapPoints, epoch: int, step: int) -> None:
         png = run.path / "maps" / f"epoch-{epoch:04d}.png"
-        draw_embedding_map(points, list(data.class_names), f"{data.name} {split}: {cfg.method}, epoch {epoch} "
-                           f"(step {step})", png)
+        draw_embedding_map(points, names, f"{data.name} {split}: {cfg.method}, epoch {epoch} (step {step})", png)
         if tracked:
             tracked.log_figure(png, f"maps/epoch-{epoch:04d}", step)
 
-    callback = map_callback(images.images, images.labels, mean, std, device, cfg.train.map_every, draw)
+    callback = map_callback(images.images, labels, mean, std, device, cfg.train.map_every, draw)
     return lambda epoch, step: callback(encoder, epoch, step)
 
 
@@ -357,11 +400,14 @@ def export_encoder(run: RunDir, encoder: nn.Module, cfg: PretrainConfig, step: i
 def probe(run_dir: str | Path, data: str | None = None, splits: tuple[str, ...] = ("val", "test"),
           label_fractions: tuple[float, ...] = (1.0,), seeds: tuple[int, ...] = (0,), k: int = 20,
           data_dir: str | None = None, device: str = "auto") -> dict[str, Any]:
-    """k-NN and linear-probe ACC/AUC of a run's encoder; also written to ``<run>/probe.json``.
+    """k-NN and linear-probe ACC/AUC of a run's encoder; also written to ``<run>/probe.json``
+    (``result["file"]``; a mixture run probed on one source: ``<run>/probe-<source>.json``).
 
     Args:
         run_dir: a run folder with at least one checkpoint.
-        data: labelled data to probe on (default: the pretraining data).
+        data: labelled data to probe on (default: the pretraining data; a run pretrained on a
+            mixture needs one named, e.g. ``"pneumoniamnist"``: its sources' labels are not one
+            label space). 1-channel data are read as 3 channels for an RGB encoder.
         splits: splits to report (the probe's L2 penalty is always chosen on ``val``).
         label_fractions: fractions of the training labels to use (stratified per class).
         seeds: seeds for drawing the label subsets (fractions < 1 only).
@@ -378,7 +424,8 @@ def label_efficiency(run_dir: str | Path, fractions: tuple[float, ...] = (0.01, 
                      log: tuple[str, ...] = (),
                      on_metrics: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Label-efficiency curves: every protocol at every fraction of the training labels, several
-    seeds; ``<run>/label_efficiency.json`` and ``.png``. See :class:`RunEvaluation`.
+    seeds; ``<run>/label_efficiency.json`` and ``.png`` (a mixture run evaluated on one source
+    with ``data``: ``label_efficiency-<source>.*``). See :class:`RunEvaluation`.
 
     ``log``: experiment trackers (``"tensorboard"``, ``"mlflow"``) of the run folder
     (``<run>/tensorboard``, ``<run>/mlruns``; MLflow: the run folder's MLflow run from
@@ -431,7 +478,7 @@ def _draw_efficiency(ev: RunEvaluation, result: dict[str, Any]) -> Path:
     from medlatent.report.figures import efficiency_figure
 
     return efficiency_figure(result["summary"], f"{ev.data.name}: {ev.cfg.method} encoder vs training from scratch",
-                             ev.run.path / "label_efficiency.png")
+                             ev.run.path / f"label_efficiency{ev.suffix}.png")
 
 
 def _draw_map(ev: RunEvaluation, split: str, max_points: int = 2000, out: str | Path | None = None) -> Path:

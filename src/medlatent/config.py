@@ -60,7 +60,8 @@ def check_ranges(obj: Any, where: str = "config", recurse: bool = True) -> None:
     """Reject out-of-range values of a config dataclass, naming the key.
 
     Every float must be finite (no NaN or infinity); fields made with :func:`bounded` must lie
-    in their range.
+    in their range; a dataclass with a ``check(where)`` method (rules across its fields, e.g.
+    :meth:`DataConfig.check`) is checked by it too.
 
     Raises:
         ConfigError: ``where.key: value is out of range (must be > 0)``.
@@ -79,6 +80,9 @@ def check_ranges(obj: Any, where: str = "config", recurse: bool = True) -> None:
                 _check_bounds(item, f.metadata, key, value)
         if f.metadata.get("ordered") and len(items) == 2 and items[0] > items[1]:
             raise ConfigError(f"{key}: {list(value)} must be [low, high] with low <= high")
+    check = getattr(obj, "check", None)  # rules across fields (DataConfig: mixture and weights)
+    if callable(check):
+        check(where)
 
 
 def _check_bounds(x: float, m: Mapping[str, Any], key: str, value: Any) -> None:
@@ -220,7 +224,24 @@ class DataConfig:
 
     # A MedMNIST subset name (see `medlatent data list`), a .npz in MedMNIST layout, a store
     # written by `medlatent data prepare`, or an image folder (class-per-subfolder or flat).
+    # With a mixture, the run records its first source here.
     name: str = "bloodmnist"
+    # Pretrain one encoder on the union of these data sets' training splits (each anything
+    # `name` can be; `--data A --data B`); empty: `name` alone. Every source is read at the run's
+    # size (data.size, else the first source's own side); a store or .npz of another size is
+    # refused. The run has the largest channel count of its sources: a 1-channel source is
+    # repeated to 3 channels for an RGB mixture (gray -> RGB, as timm and torchvision feed gray
+    # images to RGB models); any other difference is refused. The sources' labels are not one
+    # label space, so a mixture is for self-supervised pretraining; evaluate on one source
+    # (`medlatent probe RUN --data NAME`).
+    mixture: list[str] = field(default_factory=list)
+    # Share of each source in the training batches, one positive weight per source of
+    # `mixture` (normalised to sum to 1). None: proportional to each source's training images,
+    # i.e. every image of the union once per epoch, as if the sources were one data set. With
+    # weights an epoch still holds as many images as the union; a source given more than its
+    # size repeats its images (in a new order each time), one given less shows the rest of its
+    # images in the next epochs.
+    weights: list[float] | None = bounded(None, gt=0)
     # Image side in pixels; None: the data's own (a store's or .npz's side, a folder's first
     # image; MedMNIST subsets 28 px, the CPU working size: 64 px costs ~5x per step on a 2-core
     # machine, and MedMNIST+ ships 64, 128 and 224). A run records the side it used.
@@ -243,6 +264,30 @@ class DataConfig:
     normalize: Literal["none", "percentile", "window"] = "percentile"
     window_center: float = 40.0
     window_width: float = bounded(400.0, gt=0)
+
+    def check(self, where: str = "data") -> None:
+        """Rules across fields: a mixture names two or more distinct sources, ``weights`` has
+        one entry per source, and ``classes`` (one data set's class indices) needs a single source.
+
+        Raises:
+            ConfigError: naming ``data.mixture``, ``data.weights`` or ``data.classes``.
+        """
+        if len(self.mixture) == 1:
+            raise ConfigError(f"{where}.mixture: names one data set ({self.mixture[0]}); a mixture needs two or "
+                              f"more (for one, give data.name)")
+        seen = [m for i, m in enumerate(self.mixture) if m in self.mixture[:i]]
+        if seen:
+            raise ConfigError(f"{where}.mixture: {seen[0]} is named twice")
+        if self.weights is not None:
+            if not self.mixture:
+                raise ConfigError(f"{where}.weights: needs data.mixture (one weight per source); a single data "
+                                  f"set has no weights")
+            if len(self.weights) != len(self.mixture):
+                raise ConfigError(f"{where}.weights: {len(self.weights)} weights for the {len(self.mixture)} "
+                                  f"sources of data.mixture ({', '.join(self.mixture)}); give one per source")
+        if self.mixture and self.classes is not None:
+            raise ConfigError(f"{where}.classes: selects classes of one data set; a mixture's sources have no "
+                              f"common label space")
 
 
 @dataclass

@@ -32,7 +32,10 @@ DATA_DIR_HELP = "Data folder (default: $MEDLATENT_DATA, else ~/.cache/medlatent)
 
 # Flags every training command takes, and the config key each sets.
 TRAINING_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("--data", "data.name", dict(help="MedMNIST subset, .npz file, prepared store or image folder. [default: bloodmnist]")),
+    ("--data", "data.name", dict(multiple=True, callback=lambda ctx, param, value: list(value) or None,
+                                 help="MedMNIST subset, .npz file, prepared store or image folder; repeat it to "
+                                      "pretrain one encoder on the union of several (shares: --set "
+                                      "data.weights=[2,1]). [default: bloodmnist]")),
     ("--epochs", "train.epochs", dict(type=POSITIVE, help="Epochs over the training split; fractions allowed.")),
     ("--batch-size", "train.batch_size", dict(type=BATCH, help="Global batch size. [default: the method's]")),
     ("--lr", "optim.lr", dict(type=POSITIVE, help="Peak learning rate for batch 256. [default: the method's]")),
@@ -79,6 +82,9 @@ def training_tree(kwargs: dict[str, Any], extra: dict[str, Any]) -> dict[str, An
     ``--set``: the mapping :func:`medlatent.api.make_config` turns into the run's config."""
     tree: dict[str, Any] = load_yaml(kwargs["config_file"]) if kwargs.get("config_file") else {}
     given = {key: kwargs[_param(flag)] for flag, key, _ in TRAINING_FLAGS}
+    names = given.pop("data.name")  # --data once: data.name; repeated: data.mixture (either replaces the file's)
+    if names:
+        given["data.name"], given["data.mixture"] = names[0], list(names) if len(names) > 1 else []
     for key, value in {**given, **extra}.items():
         if value is None:
             continue

@@ -33,7 +33,7 @@ def probe(run: str, data_name: str | None, splits: tuple[str, ...], fractions: t
         sd = f" ±{r['acc_std']:.3f}" if r["n_seeds"] > 1 else ""
         click.echo(f"{r['protocol']:8} {r['split']:5} {r['fraction']:>7.0%}  {r['acc']:.4f}  {r['auc']:.4f}  "
                    f"{r['balanced_acc']:.4f}{sd}")
-    echo_written(Path(run) / "probe.json")
+    echo_written(result["file"])
 
 
 @click.command()
@@ -93,7 +93,7 @@ def efficiency(run: str, fractions: tuple[float, ...], old_fractions: tuple[floa
     for protocol, c in result["crossover"].items():
         if c is not None:
             click.echo(f"{protocol} vs training from scratch: {crossover_words(c)}")
-    echo_written(Path(run) / "label_efficiency.json", Path(run) / "label_efficiency.png")
+    echo_written(result["file"], Path(result["file"]).with_suffix(".png"))
 
 
 @click.command("map")

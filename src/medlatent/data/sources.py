@@ -1,7 +1,9 @@
-"""One entry point from a data name (MedMNIST subset, .npz file or folder) to a Dataset."""
+"""One entry point from a data name (MedMNIST subset, .npz file or folder), or a mixture of
+several (``data.mixture``), to a Dataset."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,10 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Load what ``cfg.name`` names: a MedMNIST subset, a .npz in MedMNIST layout, a CSV
     manifest (decoded as read, :mod:`medlatent.data.decoded`), a prepared store
     (``medlatent data prepare``) or a folder, at ``cfg.size`` (None: the data's own size,
-    see :func:`native_size`)."""
+    see :func:`native_size`). With ``cfg.mixture``, the union of those sources
+    (:func:`load_mixture`)."""
+    if cfg.mixture:
+        return load_mixture(cfg)
     if cfg.name.lower() in CATALOGUE:
         from medlatent.data.medmnist import load_medmnist
 
@@ -50,12 +55,48 @@ def load_dataset(cfg: DataConfig) -> Dataset:
                     "a CSV manifest, a prepared store or a folder")
 
 
+def source_config(cfg: DataConfig, name: str) -> DataConfig:
+    """``cfg`` for the one data set ``name`` (a source of a mixture, or the data to evaluate a
+    run on): the same size, folder and reading options, no mixture and no weights."""
+    return dataclasses.replace(cfg, name=name, mixture=[], weights=None)
+
+
+def load_mixture(cfg: DataConfig) -> Dataset:
+    """The union of ``cfg.mixture``'s training (and val/test) splits, read by index
+    (:func:`medlatent.data.mixture.mix_datasets`), every source at the run's side: ``cfg.size``,
+    else the first source's own (:func:`native_size`).
+
+    Raises:
+        DataError: a source that cannot be loaded (naming it), a store or .npz of another size,
+            another number of spatial dimensions, a channel count the rule refuses, or a source
+            without the training split ``cfg.split``.
+    """
+    from medlatent.data.mixture import mix_datasets
+
+    size = native_size(cfg)
+    parts = []
+    for name in cfg.mixture:
+        path = Path(name).expanduser()
+        fixed = path.suffix == ".npz" or (path.is_dir() and is_store(path))  # their side is what it is
+        part = load_dataset(dataclasses.replace(source_config(cfg, name), size=None if fixed else size))
+        if part.image_size != size:
+            given = "data.size" if cfg.size is not None else f"the side of the first source, {cfg.mixture[0]}"
+            raise DataError(f"{part.source or name}: holds {part.image_size}-px images, but the mixture runs at "
+                            f"{size} px ({given}); every source of data.mixture must have that size")
+        part.split(cfg.split)  # each source needs the training split (the error names it)
+        parts.append(part)
+    return mix_datasets(parts, cfg.weights, cfg.split)
+
+
 def native_size(cfg: DataConfig) -> int:
     """The image side a run uses: ``cfg.size`` when given, else the data's own: 28 px for a
     MedMNIST subset (the CPU working size; 64/128/224 on request), the side of a .npz's or a
-    store's images, and for a folder the shorter side of its first image (sorted order)."""
+    store's images, and for a folder the shorter side of its first image (sorted order); for a
+    mixture, its first source's."""
     if cfg.size is not None:
         return cfg.size
+    if cfg.mixture:
+        return native_size(source_config(cfg, cfg.mixture[0]))
     if cfg.name.lower() in CATALOGUE:
         return DEFAULT_MEDMNIST_SIZE
     path = Path(cfg.name).expanduser()
@@ -77,8 +118,15 @@ def estimate_store_bytes(cfg: DataConfig) -> tuple[int, str] | None:
     MedMNIST: the catalogue's image counts, uint8. A .npz: the arrays' headers (uint8 kept,
     anything else converted to float32 beside the raw array). A folder: the number of image
     files x the first file's channels at ``cfg.size``, float32 unless 8-bit with
-    normalize="none", twice (decoded images and the stacked store exist together).
+    normalize="none", twice (decoded images and the stacked store exist together). A mixture:
+    the sum over its sources (None when one of them cannot be told).
     """
+    if cfg.mixture:
+        each = [estimate_store_bytes(source_config(cfg, name)) for name in cfg.mixture]
+        if any(e is None for e in each):
+            return None
+        return (sum(e[0] for e in each if e is not None),
+                "; ".join(f"{name}: {e[1]}" for name, e in zip(cfg.mixture, each) if e is not None))
     path = Path(cfg.name).expanduser()
     if path.suffix == ".npz" and path.is_file():
         return _npz_bytes(path)
@@ -132,7 +180,12 @@ def _npz_bytes(path: Path) -> tuple[int, str] | None:
 
 def describe_data(data: Dataset, split: str, n_used: int) -> str:
     """One line for the start of a run: where the images come from, their size and how many,
-    e.g. ``data: stores/cxr-224 (store), 224 px, 3 channels; train 8,000 images (1,000 labelled)``."""
+    e.g. ``data: stores/cxr-224 (store), 224 px, 3 channels; train 8,000 images (1,000 labelled)``;
+    for a mixture, each source's images and share of the batches, e.g. ``data: mixture of 2
+    (MedMNIST), 28 px, 3 channels; train 16,667 images: bloodmnist 11,959 (share 71.8%),
+    pneumoniamnist 4,708 (share 28.2%, 1 channel read as 3)``."""
+    if data.parts:
+        return _describe_mixture(data, split, n_used)
     kind = "store" if data.info.get("store") else ("MedMNIST" if data.name.lower() in CATALOGUE else "files")
     if data.info.get("decoded"):
         kind = "CSV manifest, decoded as read"
@@ -147,3 +200,18 @@ def describe_data(data: Dataset, split: str, n_used: int) -> str:
         labelled = f" ({n_lab:,} labelled)" if n_lab < len(labels) else ""
     return (f"data: {data.source or data.name} ({kind}), {spatial}, {data.channels} channel"
             f"{'s' if data.channels > 1 else ''}; {split} {n_used:,} images{labelled}")
+
+
+def _describe_mixture(data: Dataset, split: str, n_used: int) -> str:
+    images = data.split(split).images
+    kinds = {"store" if p.info.get("store") else ("MedMNIST" if p.name.lower() in CATALOGUE else "files")
+             for p in data.parts}
+    shares = images.shares or [n / max(len(images), 1) for n in images.sizes]
+    each = []
+    for part, n, share in zip(data.parts, images.sizes, shares):
+        repeated = f", 1 channel read as {data.channels}" if part.channels != data.channels else ""
+        each.append(f"{part.name} {n:,} (share {100 * share:.1f}%{repeated})")
+    shape = images.shape
+    spatial = f"{shape[-1]}^3 voxels" if data.spatial_dims == 3 else f"{shape[-1]} px"
+    return (f"data: mixture of {len(data.parts)} ({', '.join(sorted(kinds))}), {spatial}, {data.channels} channel"
+            f"{'s' if data.channels > 1 else ''}; {split} {n_used:,} images: {', '.join(each)}")

@@ -150,6 +150,9 @@ class Dataset:
         class_names: names in label order (empty when unlabelled).
         splits: split name -> ImageSet (``train``, ``val``, ``test`` for MedMNIST).
         source: file or folder the data came from.
+        parts: for a mixture of data sets (``data.mixture``), the source Datasets in order,
+            each with its own labels; the mixture's own splits are unlabelled
+            (:mod:`medlatent.data.mixture`). Empty for one data set.
     """
 
     name: str
@@ -160,6 +163,7 @@ class Dataset:
     info: dict[str, str] = field(default_factory=dict)
     # Per-channel mean and std of the train split when known in advance (a prepared store).
     stats: tuple[list[float], list[float]] | None = None
+    parts: list["Dataset"] = field(default_factory=list)
 
     def split(self, name: str) -> ImageSet:
         if name not in self.splits:

@@ -19,7 +19,8 @@ import torch
 from medlatent.config import PretrainConfig
 from medlatent.methods.saved import load_encoder
 from medlatent.data.catalogue import MULTI_LABEL
-from medlatent.data.sources import load_dataset
+from medlatent.data.mixture import with_channels
+from medlatent.data.sources import load_dataset, source_config
 from medlatent.data.store import Dataset, ImageSet, label_columns, save_csv, save_npz, save_parquet
 from medlatent.errors import ConfigError, DataError
 from medlatent.eval.features import extract_features
@@ -57,7 +58,9 @@ class RunEvaluation:
 
     Args:
         run_dir: a run folder with at least one checkpoint.
-        data: labelled data to evaluate on (default: the pretraining data).
+        data: labelled data to evaluate on (default: the pretraining data; a mixture run needs
+            one data set named, e.g. one of its sources). 1-channel data are read as 3 channels
+            for an RGB encoder (the mixture's rule); standardisation is the run's ``data.json``.
         data_dir: data folder override.
         device: auto, cpu, cuda ...
         need_labels: raise unless the data have labels.
@@ -69,15 +72,26 @@ class RunEvaluation:
         self.device = resolve_device(device)
         self.encoder, self.meta, self.step = load_encoder(self.run.path, self.device)
         self.cfg: PretrainConfig = self.run.read_config()
-        dcfg = dataclasses.replace(self.cfg.data, name=data or self.cfg.data.name,
-                                   data_dir=data_dir if data_dir is not None else self.cfg.data.data_dir)
+        mixture = self.cfg.data.mixture
+        if data is None and mixture and need_labels:
+            raise ConfigError(f"{self.run.path}: was pretrained on a mixture ({', '.join(mixture)}) whose labels "
+                              f"are not one label space; evaluate on one source with --data (e.g. --data "
+                              f"{mixture[0]})")
+        dcfg = dataclasses.replace(self.cfg.data, data_dir=data_dir if data_dir is not None else self.cfg.data.data_dir)
+        if data is not None:
+            dcfg = source_config(dcfg, data)
         self.data: Dataset = load_dataset(dcfg)
+        if self.data.channels == 1 and self.encoder.in_channels == 3:
+            self.data = with_channels(self.data, 3)  # gray read as RGB, as a mixture's gray sources were
         if self.encoder.in_channels != self.data.channels:
             raise DataError(f"{self.run.path}: the encoder takes {self.encoder.in_channels}-channel images but "
                             f"{self.data.source or self.data.name} has {self.data.channels}-channel images")
         if need_labels and self.data.task is None:
             raise DataError(f"{self.data.source or self.data.name}: has no labels; this needs labelled train "
                             f"and val splits")
+        # A mixture run evaluated on one source writes probe-<source>.json (and so on), so the
+        # results of its sources sit side by side instead of replacing one another.
+        self.suffix = f"-{self.data.name}" if mixture and data is not None else ""
         self.task = self.data.task
         self.multi_label = self.task == MULTI_LABEL
         self.autocast = resolve_precision(self.cfg.train.precision, self.device)
@@ -168,12 +182,14 @@ class RunEvaluation:
 
     def probe(self, splits: tuple[str, ...] = ("val", "test"), fractions: tuple[float, ...] = (1.0,),
               seeds: tuple[int, ...] = (0,), k: int = 20) -> dict[str, Any]:
-        """k-NN and linear probe; written to ``<run>/probe.json``."""
+        """k-NN and linear probe; written to ``<run>/probe.json`` (a mixture run's source:
+        ``probe-<source>.json``; ``result["file"]``)."""
         rows = [r for f in fractions for seed in (seeds if f < 1 else seeds[:1])
                 for r in self.frozen_rows(f, seed, splits, k)]
         result = dict(run=str(self.run.path), data=self.data.name, task=self.task, encoder_step=self.step, k=k,
                       rows=rows, summary=summarise(rows))
-        self.run.write_json("probe.json", result)
+        result["file"] = str(self.run.path / f"probe{self.suffix}.json")
+        self.run.write_json(f"probe{self.suffix}.json", result)
         return result
 
     def label_efficiency(self, fractions: tuple[float, ...] = (0.01, 0.1, 0.25, 1.0), seeds: tuple[int, ...] = (0, 1, 2),
@@ -181,7 +197,7 @@ class RunEvaluation:
                          cfg: FinetuneConfig | None = None, splits: tuple[str, ...] = ("test",),
                          progress: Any = None, on_metrics: Any = None) -> dict[str, Any]:
         """Every protocol at every label fraction and seed; mean and std over seeds. Written to
-        ``<run>/label_efficiency.json``.
+        ``<run>/label_efficiency.json`` (a mixture run's source: ``label_efficiency-<source>.json``).
 
         ``on_metrics(prefix, record)``: the records of each fine-tuning and supervised training
         (see :meth:`trained_rows`), with ``prefix`` ``"<protocol>/<fraction>/seed<seed>/"``
@@ -207,7 +223,8 @@ class RunEvaluation:
         result = dict(run=str(self.run.path), data=self.data.name, task=self.task, encoder_step=self.step,
                       fractions=list(fractions), seeds=list(seeds), finetune=dataclasses.asdict(cfg),
                       rows=rows, summary=summary, crossover=crossover(summary))
-        self.run.write_json("label_efficiency.json", result)
+        result["file"] = str(self.run.path / f"label_efficiency{self.suffix}.json")
+        self.run.write_json(f"label_efficiency{self.suffix}.json", result)
         return result
 
     def embed(self, split: str = "test", out: str | Path | None = None) -> Path:

@@ -16,6 +16,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from medlatent.data.mixture import MixedImages
+
 
 def is_file_backed(images: torch.Tensor) -> bool:
     """True when ``images`` lives in a memory mapping of a file (``np.load(mmap_mode=...)``,
@@ -41,14 +43,17 @@ def keep_on_device(images: torch.Tensor, device: torch.device) -> bool:
     memory-mapped file (even on the CPU, where gathering in the background overlaps the disk
     reads); yes when it is already there; on the CPU always (nothing is copied); on a GPU when
     it takes at most half of the free device memory. Images that are not a tensor (decoded
-    on demand from a CSV manifest) are always read by index."""
-    if not isinstance(images, torch.Tensor) or is_file_backed(images):
+    on demand from a CSV manifest) are always read by index. A mixture of data sets
+    (:class:`~medlatent.data.mixture.MixedImages`) is kept when every source could be, their
+    stored bytes together counted against the device memory."""
+    parts = images.parts if isinstance(images, MixedImages) else [images]
+    if not all(isinstance(p, torch.Tensor) for p in parts) or any(is_file_backed(p) for p in parts):
         return False
-    if images.device == device or device.type == "cpu":
+    if all(p.device == device for p in parts) or device.type == "cpu":
         return True
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return images.nbytes <= free // 2
+        return sum(p.nbytes for p in parts) <= free // 2
     return True
 
 

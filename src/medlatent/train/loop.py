@@ -1,8 +1,9 @@
 """The training loop: views -> method -> loss -> optimiser step, with checkpoints and metrics.
 
 Randomness is a pure function of (seed, step, slice): the batch order of epoch e comes from a
-generator seeded by (seed, e); the global batch of step s is cut into ``train.view_shards``
-slices (default: one per process) and slice k's views come from a generator seeded by
+generator seeded by (seed, e) (a mixture with ``data.weights``:
+:func:`~medlatent.data.mixture.mixture_batches`); the global batch of step s is cut into
+``train.view_shards`` slices (default: one per process) and slice k's views come from a generator seeded by
 (seed, s, k). A run resumed from the checkpoint of step s therefore replays exactly what an
 uninterrupted run does, with no RNG state to save, and the views do not depend on how many
 processes share the batch. Images are read through :class:`~medlatent.train.batches.BatchReader`
@@ -23,7 +24,8 @@ import torch.nn as nn
 from medlatent import dist
 from medlatent.augment.views import ViewRecipe
 from medlatent.config import PretrainConfig
-from medlatent.data.store import epoch_batches, mix_seed
+from medlatent.data.mixture import batch_order
+from medlatent.data.store import mix_seed
 from medlatent.errors import CheckpointError, ConfigError, TrainingDiverged
 from medlatent.train import checkpoint
 from medlatent.train.batches import BatchReader
@@ -146,7 +148,7 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
 
     @functools.lru_cache(maxsize=2)  # this epoch's order and the next one's (read ahead at its edge)
     def order(e: int) -> list[torch.Tensor]:
-        return epoch_batches(len(images), t.batch_size, t.seed, e)
+        return batch_order(images, t.batch_size, t.seed, e)  # a mixture's weighted shares, else a shuffle
 
     def rows(s: int) -> torch.Tensor:
         """This process's rows of step s's global batch (CPU), (per_rank,)."""

@@ -6,10 +6,11 @@
         config.yaml         the resolved configuration (every default filled in)
         env.json            versions, hardware, precision and layout chosen
         data.json           data name, channels, size, per-channel mean/std used for inputs
+                            (a mixture: each source's images, channels and batch share)
         metrics.jsonl       one JSON object per logged step / epoch / event
         checkpoints/        see checkpoint.py
         encoder.safetensors the final encoder weights (MONAI parameter names)
-        probe.json          results of `medlatent probe`
+        probe.json          results of `medlatent probe` (a mixture run: probe-<source>.json)
         .lock               held (an OS file lock) by the one process training the run
 """
 
