@@ -1,7 +1,8 @@
 """SimCLR input pipeline at 64, 128 and 224 px from 20,000 image files, side by side in one run:
 
 (a) medlatent: the files prepared once into a store (``prepare``), random index batches of 256
-    (``epoch_batches``), ``recipe(images[index], g)`` on the CPU: two batched views.
+    (``epoch_batches``) read as training reads them (``BatchReader``: by index, the next batch
+    read ahead on a thread), ``recipe(batch, g)`` on the CPU: two batched views.
 (b) MONAI's usual pipeline: ``LoadImaged`` + ``EnsureChannelFirstd`` + ``ScaleIntensityRanged``
     + ``Resized`` cached by ``monai.data.CacheDataset`` (in memory; float32 unless that would
     take over half the free memory, then uint8, see ``--cache-dtype``), then per image and
@@ -281,17 +282,22 @@ def ours(size: int, threads: int, blur: bool, store: Path) -> dict:
     from medlatent.augment.views import ViewRecipe
     from medlatent.data.store import epoch_batches, open_store
     from medlatent.ssl.simclr import SPEC, SimCLRConfig
+    from medlatent.train.batches import BatchReader
 
     torch.set_num_threads(threads)
     data = open_store(store)
     images = data.splits["train"].images
     recipe = ViewRecipe(SPEC.views(simclr_view_config(size, blur), size, SimCLRConfig()), *data.stats)
 
+    reader = BatchReader(images, torch.device("cpu"))  # as training reads: by index, one batch read ahead
+
     def batches():
         epoch = 0
         while True:
-            for step, index in enumerate(epoch_batches(len(images), BATCH, 0, epoch)):
-                views = recipe(images[index], torch.Generator().manual_seed(epoch * 100003 + step))
+            order = epoch_batches(len(images), BATCH, 0, epoch)
+            for step, index in enumerate(order):
+                nxt = order[step + 1] if step + 1 < len(order) else None
+                views = recipe(reader.read(index, nxt), torch.Generator().manual_seed(epoch * 100003 + step))
                 assert len(views) == 2 and views[0].shape == (BATCH, 3, size, size)
                 yield views
             epoch += 1
