@@ -85,7 +85,8 @@ def test_crossover_reports_where_each_protocol_wins_and_loses():
 
 def test_label_efficiency_end_to_end(capsys, tiny_run: Path):
     code, out, err = run_cli(capsys, "efficiency", str(tiny_run), "--label-fraction", "0.1", "--label-fraction", "1",
-                             "--seeds", "2", "--epochs", "1", "--min-steps", "20")
+                             "--seeds", "2", "--epochs", "1", "--min-steps", "20",
+                             "--no-lr-search")  # the protocol before the search; the search is tested apart
     assert code == 0, err
     result = json.loads((tiny_run / "label_efficiency.json").read_text())
     protocols = {r["protocol"] for r in result["summary"]}

@@ -318,7 +318,8 @@ def test_efficiency_cli_and_report_never_say_from_when_a_protocol_loses_later(ca
     from conftest import run_cli
 
     summary = [dict(r, acc_std=0.0, auc=0.5, auc_std=0.0) for r in _efficiency_summary() if r["split"] == "test"]
-    monkeypatch.setattr(api, "label_efficiency", lambda *a, **k: dict(summary=summary, crossover=crossover(summary)))
+    monkeypatch.setattr(api, "label_efficiency", lambda *a, **k: dict(summary=summary, crossover=crossover(summary),
+                                                                       file="some-run/label_efficiency.json"))
     code, out, err = run_cli(capsys, "efficiency", "some-run")
     assert code == 0, err
     assert "linear vs training from scratch: wins at 1% (+2.1 points), loses at 10% (-0.8), 25% (-1.0)" in out

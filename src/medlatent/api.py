@@ -29,7 +29,8 @@ from medlatent.data.sources import describe_data, load_dataset
 from medlatent.data.store import Dataset, channel_stats
 from medlatent.errors import ConfigError, DataError
 from medlatent.eval.finetune import FinetuneConfig
-from medlatent.eval.session import RunEvaluation, crossover_words
+from medlatent.eval.semi import SemiConfig
+from medlatent.eval.session import PROTOCOLS, RunEvaluation, check_settings, crossover_words
 from medlatent.methods.registry import resolve_config
 from medlatent.methods.saved import LoadedEncoder, load_method, open_encoder, read_config
 from medlatent.train import checkpoint, trackers
@@ -422,10 +423,17 @@ def label_efficiency(run_dir: str | Path, fractions: tuple[float, ...] = (0.01, 
                      finetune: FinetuneConfig | None = None, data: str | None = None, data_dir: str | None = None,
                      device: str = "auto", progress: Callable[[float, int], None] | None = None,
                      log: tuple[str, ...] = (),
-                     on_metrics: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
+                     on_metrics: Callable[[str, dict[str, Any]], None] | None = None,
+                     semi: SemiConfig | None = None) -> dict[str, Any]:
     """Label-efficiency curves: every protocol at every fraction of the training labels, several
     seeds; ``<run>/label_efficiency.json`` and ``.png`` (a mixture run evaluated on one source
     with ``data``: ``label_efficiency-<source>.*``). See :class:`RunEvaluation`.
+
+    ``protocols``: any of ``PROTOCOLS``: ``knn``, ``linear`` (frozen), ``finetune``, ``lpft``
+    (linear probe, then fine-tuning from it), ``supervised`` (from scratch), ``semi`` /
+    ``semi-scratch`` (FixMatch from the pretrained encoder / from scratch). ``finetune``: the
+    trained protocols' budget and learning-rate grid (chosen on val; docs/evaluation.md);
+    ``semi``: FixMatch's tau, lambda_u and mu.
 
     ``log``: experiment trackers (``"tensorboard"``, ``"mlflow"``) of the run folder
     (``<run>/tensorboard``, ``<run>/mlruns``; MLflow: the run folder's MLflow run from
@@ -436,19 +444,24 @@ def label_efficiency(run_dir: str | Path, fractions: tuple[float, ...] = (0.01, 
     ``on_metrics(prefix, record)`` receives the same records.
 
     Raises:
-        ConfigError: an unknown tracker, or one whose package is missing (before anything runs).
+        ConfigError: an unknown protocol or tracker, a tracker whose package is missing, a
+            setting out of range (before anything runs).
     """
     log = tuple(dict.fromkeys(log))
-    trackers.require(log)  # refused before the encoder is loaded or anything is trained
-    ev = RunEvaluation(run_dir, data, data_dir, device)
     cfg = finetune or FinetuneConfig()
+    semi = semi or SemiConfig()
+    check_settings(protocols, cfg, semi)  # refused before the encoder is loaded or anything is trained
+    trackers.require(log)
+    ev = RunEvaluation(run_dir, data, data_dir, device)
     opened: list[trackers.Trackers] = []
 
     def tracked() -> trackers.Trackers:  # opened at the first record: a refused protocol opens nothing
         if not opened:
             opened.append(trackers.Trackers.open(log, ev.run.path, dict(efficiency=dict(
                 data=ev.data.name, encoder_step=ev.step, fractions=list(fractions), seeds=list(seeds),
-                protocols=list(protocols), finetune=dataclasses.asdict(cfg))), "label-efficiency"))
+                protocols=list(protocols), finetune=dataclasses.asdict(cfg),
+                **(dict(semi=dataclasses.asdict(semi)) if {"semi", "semi-scratch"} & set(protocols) else {}))),
+                "label-efficiency"))
         return opened[0]
 
     def report(prefix: str, record: dict[str, Any]) -> None:
@@ -459,7 +472,7 @@ def label_efficiency(run_dir: str | Path, fractions: tuple[float, ...] = (0.01, 
     status = "FAILED"
     try:
         result = ev.label_efficiency(fractions, seeds, protocols, cfg, progress=progress,
-                                     on_metrics=report if log or on_metrics is not None else None)
+                                     on_metrics=report if log or on_metrics is not None else None, semi=semi)
         if log:
             tracked().log_final({f"{r['protocol']}/{r['fraction']:g}/{r['split']}_{m}": r[m]
                                  for r in result["summary"] for m in ("acc", "auc", "balanced_acc")}, ev.step)
@@ -861,5 +874,5 @@ __all__ = ["make_config", "pretrain", "run_pretraining", "probe", "label_efficie
            "load_method", "attention", "reconstruct", "report", "compare", "embedding_map", "retrieval", "sample",
            "evaluate_samples", "synthetic_augmentation", "score_anomalies", "evaluate_restoration",
            "rate_distortion", "adapt", "mil", "list_datasets", "download", "PretrainConfig", "DataConfig",
-           "FitResult", "FinetuneConfig", "AdaptConfig", "RunEvaluation", "crossover_words", "detector_method",
+           "FitResult", "FinetuneConfig", "SemiConfig", "PROTOCOLS", "AdaptConfig", "RunEvaluation", "crossover_words", "detector_method",
            "parse_classes", "is_generative", "generative_models", "export", "LoadedEncoder"]

@@ -60,10 +60,25 @@ def embed(run: str, split: str, out: str | None, data_name: str | None, data_dir
 @click.option("--seeds", type=COUNT, default=3, show_default=True,
               help="Label-subset draws per fraction (one at 100 %%: the same labels).")
 @click.option("--protocol", "protocols", multiple=True, default=("knn", "linear", "finetune", "supervised"),
-              show_default=True, help="knn, linear, finetune (the pretrained encoder) and supervised (from scratch).")
+              show_default=True,
+              help="knn, linear (frozen encoder), finetune (the pretrained encoder), lpft (linear probe, then "
+                   "fine-tuning from it), supervised (from scratch), semi / semi-scratch (FixMatch with the rest of "
+                   "the train split unlabelled, from the pretrained encoder / from scratch).")
 @click.option("--epochs", type=COUNT, default=None, help="Most fine-tuning epochs (default 30; early stopping on val).")
 @click.option("--min-steps", type=NON_NEGATIVE_INT, default=None,
               help="Fewest fine-tuning steps, so small label fractions still train (default 300).")
+@click.option("--lr", "lrs", multiple=True, type=float,
+              help="Head learning rates tried on val (repeatable; default 1e-3, 3e-4, 1e-4).")
+@click.option("--encoder-lr-scale", "scales", multiple=True, type=float,
+              help="Encoder learning rate as a fraction of the head's, tried on val (repeatable; default 1.0, "
+                   "0.1). One --lr and one --encoder-lr-scale: no search.")
+@click.option("--no-lr-search", is_flag=True,
+              help="Train once: head lr 1e-3, encoder 0.1x (1x from scratch), the protocol before the search.")
+@click.option("--search-fraction", type=float, default=None,
+              help="Each candidate's share of the training budget (default 0.25; 1: no retraining).")
+@click.option("--tau", type=float, default=None, help="FixMatch confidence threshold (default 0.95).")
+@click.option("--mu", type=int, default=None, help="FixMatch unlabelled images per labelled one (default 2).")
+@click.option("--lambda-u", type=float, default=None, help="FixMatch weight of the unlabelled loss (default 1).")
 @click.option("--data", "data_name", default=None, help="Labelled data (default: the pretraining data).")
 @click.option("--data-dir", default=None, help=DATA_DIR_HELP)
 @click.option("--device", default="auto", show_default=True)
@@ -72,23 +87,35 @@ def embed(run: str, split: str, out: str | None, data_name: str | None, data_dir
                    "<run>/tensorboard and <run>/mlruns under <protocol>/<fraction>/seed<n>/ "
                    "(pip install 'medlatent[track]').")
 def efficiency(run: str, fractions: tuple[float, ...], old_fractions: tuple[float, ...], seeds: int,
-               protocols: tuple[str, ...], epochs: int | None, min_steps: int | None, data_name: str | None,
-               data_dir: str | None, device: str, log: tuple[str, ...]) -> None:
-    """Label-efficiency curves: k-NN, linear probe, fine-tuning and the supervised baseline at
-    several label fractions and seeds (mean and std), with a plot."""
-    from medlatent.api import FinetuneConfig, crossover_words, label_efficiency
+               protocols: tuple[str, ...], epochs: int | None, min_steps: int | None, lrs: tuple[float, ...],
+               scales: tuple[float, ...], no_lr_search: bool, search_fraction: float | None, tau: float | None,
+               mu: int | None,
+               lambda_u: float | None, data_name: str | None, data_dir: str | None, device: str,
+               log: tuple[str, ...]) -> None:
+    """Label-efficiency curves: k-NN, linear probe, fine-tuning, LP-FT, FixMatch and the
+    supervised baseline at several label fractions and seeds (mean and std), with a plot; the
+    learning rate of every trained protocol chosen on val."""
+    from medlatent.api import FinetuneConfig, SemiConfig, crossover_words, label_efficiency
+
+    def given(**kw: object) -> dict:
+        return {k: v for k, v in kw.items() if v is not None}
 
     fractions = renamed(fractions, old_fractions, "--fraction", "--label-fraction")
-    cfg = FinetuneConfig(**{k: v for k, v in dict(epochs=epochs, min_steps=min_steps).items() if v is not None})
+    if no_lr_search and (lrs or scales):
+        raise click.UsageError("--no-lr-search trains one candidate; it takes no --lr or --encoder-lr-scale")
+    grid = dict(lr_grid=None, encoder_lr_scale_grid=None) if no_lr_search else given(
+        lr_grid=tuple(lrs) or None, encoder_lr_scale_grid=tuple(scales) or None)
+    cfg = FinetuneConfig(**given(epochs=epochs, min_steps=min_steps, search_fraction=search_fraction), **grid)
+    semi = SemiConfig(**given(tau=tau, mu=mu, lambda_u=lambda_u))
 
     def progress(fraction: float, seed: int) -> None:
         click.echo(f"  {fraction:.0%} of the labels, seed {seed}: done")
 
     result = label_efficiency(run, fractions, tuple(range(seeds)), protocols, cfg, data_name, data_dir, device, progress,
-                              log=log)
-    click.echo(f"{'protocol':10} {'labels':>7}  {'test ACC':>15}  {'test AUC':>15}")
+                              log=log, semi=semi)
+    click.echo(f"{'protocol':12} {'labels':>7}  {'test ACC':>15}  {'test AUC':>15}")
     for r in sorted(result["summary"], key=lambda r: (r["protocol"], r["fraction"])):
-        click.echo(f"{r['protocol']:10} {r['fraction']:>7.0%}  {r['acc']:.4f} ± {r['acc_std']:.4f}  "
+        click.echo(f"{r['protocol']:12} {r['fraction']:>7.0%}  {r['acc']:.4f} ± {r['acc_std']:.4f}  "
                    f"{r['auc']:.4f} ± {r['auc_std']:.4f}")
     for protocol, c in result["crossover"].items():
         if c is not None:

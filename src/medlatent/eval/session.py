@@ -3,7 +3,8 @@
 :class:`RunEvaluation` is what ``medlatent probe``, ``efficiency``, ``map``, ``retrieve``,
 ``report`` and ``embed`` share: the encoder of the newest checkpoint, the labelled data set
 (the pretraining data unless another is named), features per split computed once, and the
-protocols (k-NN, linear probe, fine-tuning, supervised baseline, maps, retrieval) as methods.
+protocols (k-NN, linear probe, fine-tuning, LP-FT, FixMatch, supervised baseline, maps, retrieval)
+as methods.
 Every result is written into the run folder as JSON or PNG.
 """
 
@@ -24,14 +25,43 @@ from medlatent.data.sources import load_dataset, source_config
 from medlatent.data.store import Dataset, ImageSet, label_columns, save_csv, save_npz, save_parquet
 from medlatent.errors import ConfigError, DataError
 from medlatent.eval.features import extract_features
-from medlatent.eval.finetune import FinetuneConfig, finetune
+from medlatent.config import check_ranges
+from medlatent.eval.finetune import FinetuneConfig, finetune, probe_head, tune
 from medlatent.eval.fractions import label_fraction
 from medlatent.eval.knn import knn_scores
 from medlatent.eval.linear import linear_probe
 from medlatent.eval.maps import MapPoints, map_points
 from medlatent.eval.metrics import confusion, evaluate
+from medlatent.eval.semi import SemiConfig, fixmatch
 from medlatent.train.precision import resolve_channels_last, resolve_device, resolve_precision
 from medlatent.train.runs import RunDir
+
+
+# Label-efficiency protocols, in table order: frozen probes, trained from the pretrained encoder,
+# trained from random weights (the baselines' initialisation), and FixMatch from each.
+PROTOCOLS = ("knn", "linear", "finetune", "lpft", "supervised", "semi", "semi-scratch")
+FROZEN = frozenset({"knn", "linear"})
+FROM_SCRATCH = frozenset({"supervised", "semi-scratch"})
+
+
+def check_protocols(protocols: tuple[str, ...]) -> None:
+    """Raises ConfigError naming every unknown protocol and the known ones."""
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown:
+        raise ConfigError(f"unknown protocol(s) {', '.join(sorted(unknown))} (known: {', '.join(PROTOCOLS)})")
+
+
+def check_settings(protocols: tuple[str, ...], cfg: FinetuneConfig, semi: SemiConfig | None = None) -> None:
+    """Everything label efficiency can refuse before a run is loaded: protocol names and the
+    ranges of the fine-tuning and FixMatch settings (``finetune.lr_grid: ...``, ``semi.tau: ...``).
+
+    Raises:
+        ConfigError: one line naming the protocol or key.
+    """
+    check_protocols(protocols)
+    check_ranges(cfg, "finetune")
+    if semi is not None:
+        check_ranges(semi, "semi")
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -148,36 +178,71 @@ class RunEvaluation:
         return rows
 
     def trained_rows(self, fraction: float, seed: int, splits: tuple[str, ...], cfg: FinetuneConfig,
-                     supervised: bool, on_metrics: Any = None) -> list[dict]:
-        """Fine-tuning of the pretrained encoder, or (supervised=True) the same architecture
-        trained from scratch, on a label subset; evaluated at its best val epoch.
+                     protocol: str = "finetune", on_metrics: Any = None, semi: SemiConfig | None = None) -> list[dict]:
+        """One trained protocol on a label subset, its learning rate chosen on val
+        (:func:`~medlatent.eval.finetune.tune`), evaluated at its best val step.
 
-        ``on_metrics(record)``: finetune's record at every validation (step, loss, lr, val_*),
-        then one at the last step with each split's metrics of the best model (``test_acc``, ...)."""
+        Protocols: ``finetune`` (the pretrained encoder + a linear head), ``lpft`` (the same,
+        the head first fitted as a linear probe on the frozen features: Kumar et al. 2022),
+        ``supervised`` (the same architecture from random weights), ``semi`` / ``semi-scratch``
+        (FixMatch with the rest of the train split unlabelled, from the pretrained encoder / from
+        random weights: :mod:`medlatent.eval.semi`). Rows carry the chosen ``lr`` and
+        ``encoder_lr_scale``, ``steps``, and ``search`` (each candidate's short-budget val result).
+
+        ``on_metrics(record)``: the final training's record at every validation (step, loss, lr,
+        val_*), then one at the last step with each split's metrics of the best model (``test_acc``, ...)."""
         from medlatent.eval.features import predict_scores
         from medlatent.nets.backbones import build_backbone
 
+        trained = [p for p in PROTOCOLS if p not in FROZEN]
+        if protocol not in trained:
+            raise ConfigError(f"{protocol!r} is not a trained protocol (trained: {', '.join(trained)})")
         train = self.split("train")
         idx = label_fraction(train.labels, fraction, seed, self.multi_label)
-        if supervised:
+        scratch = protocol in FROM_SCRATCH
+        if scratch:
             torch.manual_seed(seed)
             encoder = build_backbone(self.cfg.backbone, self.data.channels, self.meta["image_size"], self.meta["spatial_dims"])
         else:
             encoder = self.encoder
-        model, _, steps = finetune(encoder, train.subset(idx), self.split("val"), self.task, self.data.n_classes,
-                                   self.mean, self.std, self.data.name, cfg, self.device, seed,
-                                   encoder_lr_scale=1.0 if supervised else None, autocast_dtype=self.autocast,
-                                   channels_last=self.channels_last, on_metrics=on_metrics)
+        common = dict(task=self.task, n_outputs=self.data.n_classes, mean=self.mean, std=self.std,
+                      data_name=self.data.name, device=self.device, seed=seed, autocast_dtype=self.autocast,
+                      channels_last=self.channels_last)
+        extra: dict[str, Any] = {}
+        head = None
+        if protocol == "lpft":  # LP-FT step 1: the linear probe on frozen features, the head's start
+            probe = linear_probe(self.features("train")[idx], self.target("train")[idx], self.features("val"),
+                                 self.target("val"), self.task, self.data.n_classes)
+            head, extra = probe_head(probe, cfg.feature_norm), dict(weight_decay=probe.weight_decay)
+        if protocol in ("semi", "semi-scratch"):
+            semi = semi or SemiConfig()
+            pool, rows_of = train, idx
+            whole = self.data.split("train")  # a store's unlabelled rows (label -1) are FixMatch's too
+            if self.need_labels and whole.labels is not None and not bool((whole.labels[:, 0] >= 0).all()):
+                pool, rows_of = whole, (whole.labels[:, 0] >= 0).nonzero()[:, 0][idx]
+
+            def train_fn(c: FinetuneConfig, scale: float, report: Any) -> Any:
+                return fixmatch(encoder, pool, rows_of, self.split("val"), cfg=c, semi=semi, encoder_lr_scale=scale,
+                                on_metrics=report, **common)
+        else:
+            labelled = train.subset(idx)
+
+            def train_fn(c: FinetuneConfig, scale: float, report: Any) -> Any:
+                return finetune(encoder, labelled, self.split("val"), cfg=c, encoder_lr_scale=scale,
+                                on_metrics=report, head=head, **common)
+
+        tuned = tune(train_fn, cfg, 1.0 if scratch else cfg.encoder_lr_scale, on_metrics)
         rows = []
         for s in splits:
-            scores = predict_scores(model, self.split(s).images, self.mean, self.std, self.device, self.multi_label,
-                                    self.autocast, self.channels_last)
-            rows.append(dict(protocol="supervised" if supervised else "finetune", split=s, fraction=fraction,
-                             seed=seed, n_labels=len(idx), steps=steps,
-                             **evaluate(self.split(s).labels.numpy(), scores, self.task)))
+            scores = predict_scores(tuned.model, self.split(s).images, self.mean, self.std, self.device,
+                                    self.multi_label, self.autocast, self.channels_last)
+            rows.append(dict(protocol=protocol, split=s, fraction=fraction, seed=seed, n_labels=len(idx),
+                             steps=tuned.steps, lr=tuned.chosen.lr, encoder_lr_scale=tuned.chosen.encoder_lr_scale,
+                             **extra, **evaluate(self.split(s).labels.numpy(), scores, self.task),
+                             search=tuned.search))
         if on_metrics is not None:
-            on_metrics(dict(step=steps, **{f"{r['split']}_{m}": r[m] for r in rows
-                                           for m in ("acc", "auc", "balanced_acc") if m in r}))
+            on_metrics(dict(step=tuned.steps, **{f"{r['split']}_{m}": r[m] for r in rows
+                                                 for m in ("acc", "auc", "balanced_acc") if m in r}))
         return rows
 
     def probe(self, splits: tuple[str, ...] = ("val", "test"), fractions: tuple[float, ...] = (1.0,),
@@ -195,33 +260,38 @@ class RunEvaluation:
     def label_efficiency(self, fractions: tuple[float, ...] = (0.01, 0.1, 0.25, 1.0), seeds: tuple[int, ...] = (0, 1, 2),
                          protocols: tuple[str, ...] = ("knn", "linear", "finetune", "supervised"),
                          cfg: FinetuneConfig | None = None, splits: tuple[str, ...] = ("test",),
-                         progress: Any = None, on_metrics: Any = None) -> dict[str, Any]:
-        """Every protocol at every label fraction and seed; mean and std over seeds. Written to
-        ``<run>/label_efficiency.json`` (a mixture run's source: ``label_efficiency-<source>.json``).
+                         progress: Any = None, on_metrics: Any = None, semi: SemiConfig | None = None) -> dict[str, Any]:
+        """Every protocol (:data:`PROTOCOLS`) at every label fraction and seed; mean and std over
+        seeds. Written to ``<run>/label_efficiency.json`` (a mixture run's source:
+        ``label_efficiency-<source>.json``). ``cfg``: the trained protocols' budget and
+        learning-rate grid; ``semi``: FixMatch's settings (``semi``, ``semi-scratch``).
 
-        ``on_metrics(prefix, record)``: the records of each fine-tuning and supervised training
+        ``on_metrics(prefix, record)``: the records of each trained protocol's final training
         (see :meth:`trained_rows`), with ``prefix`` ``"<protocol>/<fraction>/seed<seed>/"``
         (``"finetune/0.1/seed0/"``)."""
-        unknown = set(protocols) - {"knn", "linear", "finetune", "supervised"}
-        if unknown:
-            raise ConfigError(f"unknown protocol(s) {', '.join(sorted(unknown))} (known: knn, linear, finetune, supervised)")
         cfg = cfg or FinetuneConfig()
+        semi = semi or SemiConfig()
+        check_settings(protocols, cfg, semi)
+        if self.multi_label and set(protocols) & {"semi", "semi-scratch"}:
+            raise ConfigError(f"{self.data.name}: semi-supervised learning (FixMatch) needs one class per image; "
+                              f"this task is {self.task}")
         rows = []
         for fraction in fractions:
             for seed in seeds if fraction < 1 else seeds[:1]:  # all labels: one subset, one run
                 if {"knn", "linear"} & set(protocols):
                     rows += [r for r in self.frozen_rows(fraction, seed, splits) if r["protocol"] in protocols]
-                for supervised, name in ((False, "finetune"), (True, "supervised")):
-                    if name in protocols:
+                for name in PROTOCOLS:
+                    if name in protocols and name not in FROZEN:
                         prefix = f"{name}/{fraction:g}/seed{seed}/"
                         report = None if on_metrics is None else (
                             lambda record, prefix=prefix: on_metrics(prefix, record))
-                        rows += self.trained_rows(fraction, seed, splits, cfg, supervised, report)
+                        rows += self.trained_rows(fraction, seed, splits, cfg, name, report, semi)
                 if progress is not None:
                     progress(fraction, seed)
         summary = summarise(rows)
         result = dict(run=str(self.run.path), data=self.data.name, task=self.task, encoder_step=self.step,
                       fractions=list(fractions), seeds=list(seeds), finetune=dataclasses.asdict(cfg),
+                      **(dict(semi=dataclasses.asdict(semi)) if set(protocols) & {"semi", "semi-scratch"} else {}),
                       rows=rows, summary=summary, crossover=crossover(summary))
         result["file"] = str(self.run.path / f"label_efficiency{self.suffix}.json")
         self.run.write_json(f"label_efficiency{self.suffix}.json", result)
@@ -299,7 +369,7 @@ class RunEvaluation:
 
 
 def crossover(summary: list[dict]) -> dict[str, Any]:
-    """Where each self-supervised protocol wins, ties and loses against training from scratch
+    """Where each self-supervised (or semi-supervised) protocol wins, ties and loses against training from scratch
     (the ``supervised`` protocol) on test ACC, per label fraction both have.
 
     Returns protocol -> None when there is no supervised baseline, else
@@ -309,7 +379,8 @@ def crossover(summary: list[dict]) -> dict[str, Any]:
     """
     base = {r["fraction"]: r["acc"] for r in summary if r["protocol"] == "supervised" and r["split"] == "test"}
     out: dict[str, Any] = {}
-    for protocol in ("knn", "linear", "finetune"):
+    present = {r["protocol"] for r in summary}
+    for protocol in ("knn", "linear", "finetune", *(p for p in ("lpft", "semi", "semi-scratch") if p in present)):
         if not base:
             out[protocol] = None
             continue

@@ -193,26 +193,34 @@ class ViTEncoder(nn.Module):
         self.num_patches = (img_size // patch_size) ** spatial_dims
         self.prefers_channels_last = False
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, *S) -> (B, L, D) patch tokens plus position embeddings.
 
         Images of another size than the one the ViT was built for (DINO's local crops) get the
-        position embeddings interpolated to their patch grid (as DINO does)."""
+        position embeddings interpolated to their patch grid (as DINO does). With ``mask``
+        (B, L) bool, the masked patches' embeddings are replaced by ``mask_token`` (1, 1, D)
+        before their position embeddings are added (iBOT's and DINOv2's masked student)."""
         pe = self.patch_embedding
         t = pe.patch_embeddings(x).flatten(2).transpose(1, 2)  # (B, L, D)
+        if mask is not None and mask_token is not None:
+            t = torch.where(mask.unsqueeze(-1), mask_token.to(t.dtype), t)  # (B, L, D)
         pos = pe.position_embeddings  # (1, L0, D)
         if t.shape[1] != pos.shape[1]:
             pos = interpolate_positions(pos, x.shape[2:], self.patch_size)
         return pe.dropout(t + pos)
 
-    def tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def tokens(self, x: torch.Tensor, keep: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+               mask_token: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, *S) -> (B, 1 + L, D): the CLS token then the patch tokens, after the last norm.
 
         Args:
             keep: (B, K) indices of the patches to encode (MAE's visible patches, I-JEPA's
                 context); the others never enter the transformer.
+            mask, mask_token: (B, L) bool and (1, 1, D): patches seen as the mask token
+                (:meth:`embed`).
         """
-        t = self.embed(x)  # (B, L, D)
+        t = self.embed(x, mask, mask_token)  # (B, L, D)
         if keep is not None:
             t = torch.gather(t, 1, keep.unsqueeze(-1).expand(-1, -1, t.shape[-1]))  # (B, K, D)
         cls = self.cls_token.expand(t.shape[0], -1, -1)  # (B, 1, D)

@@ -97,7 +97,9 @@ def reconstruction_figure(images: torch.Tensor, masked: torch.Tensor, recon: tor
 
 
 PROTOCOL_STYLE = {"knn": ("k-NN (frozen)", "tab:blue"), "linear": ("linear probe (frozen)", "tab:orange"),
-                  "finetune": ("fine-tuned", "tab:green"), "supervised": ("supervised from scratch", "tab:red")}
+                  "finetune": ("fine-tuned", "tab:green"), "lpft": ("LP-FT", "tab:olive"),
+                  "semi": ("FixMatch, pretrained", "tab:purple"), "supervised": ("supervised from scratch", "tab:red"),
+                  "semi-scratch": ("FixMatch from scratch", "tab:brown")}
 
 
 def efficiency_figure(summary: list[dict], title: str, out: Path, metric: str = "acc") -> Path:

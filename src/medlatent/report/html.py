@@ -140,7 +140,8 @@ def _crossover_text(crossover: dict[str, Any]) -> str:
     """``linear probe: wins at 1% (+2.1 points), loses at 10% (-0.8); k-NN: ...`` (the CLI's words)."""
     from medlatent.eval.session import crossover_words
 
-    names = {"knn": "k-NN", "linear": "linear probe", "finetune": "fine-tuning"}
+    names = {"knn": "k-NN", "linear": "linear probe", "finetune": "fine-tuning", "lpft": "LP-FT",
+             "semi": "FixMatch (pretrained)", "semi-scratch": "FixMatch from scratch"}
     parts = []
     for protocol, c in crossover.items():
         if c is not None and "wins" in c:

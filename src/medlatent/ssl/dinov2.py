@@ -28,7 +28,7 @@ import torch.nn as nn
 from medlatent.config import ViewConfig, bounded
 from medlatent.errors import ConfigError
 from medlatent.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
-from medlatent.nets.backbones import ViTEncoder, interpolate_positions
+from medlatent.nets.backbones import ViTEncoder
 from medlatent.nets.heads import DINOHead
 from medlatent.methods.contract import BuildContext, MethodSpec, StepOutput
 from medlatent.methods.mechanics import cosine_schedule, ema_update, group_by_size, make_teacher
@@ -140,16 +140,7 @@ class DINOv2(nn.Module):
         "We randomly mask some of the input patches given to the student, but not to the
         teacher" (DINOv2, Sec. 4): a masked patch's embedding is replaced by the mask token,
         which then gets that patch's position embedding (iBOT; DINOv2's ``prepare_tokens_with_masks``)."""
-        enc = self.encoder
-        t = enc.embed(x)  # (B, L, D): patch embeddings + positions
-        pos = enc.patch_embedding.position_embeddings  # (1, L0, D)
-        if pos.shape[1] != t.shape[1]:
-            pos = interpolate_positions(pos, x.shape[2:], enc.patch_size)  # (1, L, D)
-        t = torch.where(mask.unsqueeze(-1), (self.mask_token + pos).to(t.dtype), t)  # (B, L, D)
-        t = torch.cat([enc.cls_token.expand(len(t), -1, -1), t], dim=1)  # (B, 1 + L, D)
-        for block in enc.blocks:
-            t = block(t)
-        return enc.norm(t)
+        return self.encoder.tokens(x, mask=mask, mask_token=self.mask_token)
 
     def forward_student_local(self, views: list[torch.Tensor]) -> torch.Tensor:
         """Local crops, one forward per size group (DINO's multi-crop) -> CLS tokens (V_local * B, D)."""
