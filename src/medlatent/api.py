@@ -209,13 +209,14 @@ class _Plan:
     spec: Any
     data: Dataset
     images: torch.Tensor  # (N, C, *S) the training split
-    labels: torch.Tensor | None  # (N,) class labels for class-conditional models
+    labels: torch.Tensor | None  # (N,) class labels for class-conditional models (n_classes: the null class)
     method: nn.Module
     recipe: Any
     mean: list[float]
     std: list[float]
     n_classes: int
     device: torch.device
+    labels_seen: int | None = None  # how many real class labels the model trains with (None: no labels)
 
 
 def _plan(cfg: PretrainConfig, resume: bool = False) -> _Plan:
@@ -272,10 +273,18 @@ def _plan(cfg: PretrainConfig, resume: bool = False) -> _Plan:
     if spec.uses_labels and getattr(options, "conditional", False) and data.task is not None \
             and not data.task.startswith("multi-label"):
         labels = train_split.labels[:, 0]
-        if bool((labels < 0).any()):
+        if cfg.data.label_fraction is not None:
+            images, labels = _labels_of_fraction(train_split, cfg.data, data.n_classes, spec.trains_unlabelled)
+            if len(images) < cfg.train.batch_size:
+                raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is larger than the {len(images)} "
+                                  f"labelled images of data.label_fraction {cfg.data.label_fraction:g} (a {cfg.method} "
+                                  f"trains on labelled images only); lower --batch-size")
+        elif bool((labels < 0).any()):
             raise DataError(f"{data.source or data.name}: {int((labels < 0).sum())} {cfg.data.split} images have "
-                            "no label; a class-conditional model needs every image labelled")
+                            "no label; a class-conditional model needs every image labelled (or give "
+                            "data.label_fraction to train the ddpm/ldm null class on the unlabelled ones)")
     n_classes = data.n_classes if labels is not None else 0
+    labels_seen = int((labels < n_classes).sum()) if labels is not None else None
     context = BuildContext(len(images), cfg.train.batch_size, data.image_size, data.channels, data.spatial_dims,
                            n_classes)
     method = spec.build(encoder, options, context)
@@ -296,7 +305,37 @@ def _plan(cfg: PretrainConfig, resume: bool = False) -> _Plan:
     memory.require(need, f"one training step ({cfg.backbone.name}, batch {per_rank}, {len(recipe.views)} views "
                          f"of up to {max(size for _, size in recipe.views)} px)", device,
                    "lower --batch-size or --size")
-    return _Plan(spec, data, images, labels, method, recipe, mean, std, n_classes, device)
+    return _Plan(spec, data, images, labels, method, recipe, mean, std, n_classes, device, labels_seen)
+
+
+def _labels_of_fraction(split: Any, data: DataConfig, n_classes: int, null_class: bool) -> tuple[Any, torch.Tensor]:
+    """The images and labels a class-conditional generator trains on when only
+    ``data.label_fraction`` of the labels are known.
+
+    The fraction is drawn exactly as the classifiers of every label-efficiency protocol draw
+    theirs (:func:`medlatent.eval.fractions.label_fraction` over the split's labelled images,
+    seed ``data.label_seed``), so a generator and a classifier of the same fraction and seed see
+    the same labels. With ``null_class`` (classifier-free guidance, Ho & Salimans 2022) every
+    other image, and every image a store holds without a label (-1), keeps its place with the
+    null label ``n_classes``; without it only the labelled images are kept.
+
+    Args:
+        split: the training split (an ``ImageSet``): images (N, C, *S), labels (N, 1), -1 where unlabelled.
+
+    Returns:
+        images (N, C, *S) and labels (N,) in 0..n_classes (null_class), or the M labelled
+        images (M, C, *S) and their labels (M,) in 0..n_classes-1.
+    """
+    from medlatent.eval.fractions import label_fraction
+
+    labels = split.labels[:, 0]
+    known = (labels >= 0).nonzero()[:, 0]  # positions of the labelled images, in split order
+    chosen = known[label_fraction(labels[known], data.label_fraction, data.label_seed)]  # (M,)
+    if not null_class:
+        return split.subset(chosen).images, labels[chosen]
+    seen = torch.full_like(labels, n_classes)  # the null class
+    seen[chosen] = labels[chosen]
+    return split.images, seen
 
 
 def _train(run: RunDir, cfg: PretrainConfig, resume: bool, on_progress: Callable[[Progress], None] | None,
@@ -314,7 +353,10 @@ def _train(run: RunDir, cfg: PretrainConfig, resume: bool, on_progress: Callable
             name=data.name, source=data.source, task=data.task, class_names=list(data.class_names),
             channels=data.channels, spatial_dims=data.spatial_dims, image_size=data.image_size,
             split=cfg.data.split, n_images=len(plan.images), mean=plan.mean, std=plan.std,
-            condition_classes=plan.n_classes, **_mixture_facts(data, plan.images)))
+            condition_classes=plan.n_classes, labels_seen=plan.labels_seen,
+            label_fraction=cfg.data.label_fraction if plan.labels is not None else None,
+            label_seed=cfg.data.label_seed if plan.labels is not None and cfg.data.label_fraction else None,
+            **_mixture_facts(data, plan.images)))
         run.write_json("env.json", environment(dict(
             device=str(device), world_size=dist.world_size(),
             autocast=str(autocast).replace("torch.", "") if autocast else "fp32",
@@ -761,13 +803,90 @@ def evaluate_samples(run_dir: str | Path, n: int = 1000, guidance: float = 1.0, 
 
 def synthetic_augmentation(run_dir: str | Path, fractions: tuple[float, ...] = (0.01, 0.1), n_synthetic: int = 2000,
                            seeds: tuple[int, ...] = (0, 1, 2), guidance: float = 1.0, classifier_epochs: int = 15,
-                           classifier_min_steps: int = 300, data_dir: str | None = None,
-                           device: str = "auto") -> dict[str, Any]:
-    """A classifier on a label fraction alone vs with the run's class-conditional samples added."""
-    from medlatent.generative.evaluate import augment_experiment
+                           classifier_min_steps: int = 300, data_dir: str | None = None, device: str = "auto",
+                           protocol: str = "fraction", generator_steps: int | None = None,
+                           generator_budget_s: float | None = None, sampler_steps: int = 50) -> dict[str, Any]:
+    """A classifier on a label fraction alone vs with a class-conditional generator's samples
+    added; the gain's mean and std over seeds (``generate augment``).
 
-    return augment_experiment(run_dir, fractions, n_synthetic, seeds, guidance, 50, classifier_epochs, data_dir,
-                              device, classifier_min_steps)
+    Args:
+        run_dir: a class-conditional generative run (``generate train --conditional``).
+        protocol: ``"fraction"`` (default): for each fraction and seed a generator with this
+            run's config is trained inside the command (``<run>/synthetic/fraction-F-seedS/``,
+            reused when finished) on the unlabelled train images and only the labels the
+            classifier has (ddpm/ldm: the others as classifier-free guidance's null class; gan/vae:
+            the labelled images alone). ``"all-labels"``: this run's own samples, trained on every
+            train label: it leaks labels, kept only to reproduce old numbers.
+        generator_steps: optimiser steps per fraction generator (default: as many as this run's).
+        generator_budget_s: wall-clock cap per fraction generator (default 600 s; 0: none).
+        sampler_steps: DDIM steps of ddpm/ldm sampling.
+
+    Raises:
+        ConfigError: an unknown protocol, generator budgets given with ``"all-labels"``, an
+            unconditional run.
+    """
+    from medlatent.generative.evaluate import AUGMENT_PROTOCOLS, AugmentConfig, augment_experiment
+
+    if protocol not in AUGMENT_PROTOCOLS:
+        raise ConfigError(f"--protocol: unknown protocol '{protocol}' (known: {', '.join(AUGMENT_PROTOCOLS)})")
+    if protocol == "all-labels" and (generator_steps is not None or generator_budget_s is not None):
+        raise ConfigError("--generator-steps/--generator-budget: apply to --protocol fraction only (all-labels "
+                          "reuses the run's own generator)")
+    budget = {} if generator_budget_s is None else {"generator_budget_s": float(generator_budget_s)}
+    cfg = AugmentConfig(protocol=protocol, fractions=tuple(fractions), seeds=tuple(seeds), n_synthetic=n_synthetic,
+                        guidance=guidance, sampler_steps=sampler_steps, classifier_epochs=classifier_epochs,
+                        classifier_min_steps=classifier_min_steps, generator_steps=generator_steps, **budget)
+    check_ranges(cfg, "augment")
+    train = _fraction_generator(Path(run_dir), data_dir, device, cfg.generator_budget_s) if protocol == "fraction" \
+        else None
+    return augment_experiment(run_dir, cfg, data_dir, device, train)
+
+
+def _fraction_generator(run_dir: Path, data_dir: str | None, device: str,
+                        budget_s: float) -> Callable[[float, int, int], Path]:
+    """(fraction, seed, steps) -> the folder of a generator trained with ``run_dir``'s config on
+    the train images and only that fraction's labels (``data.label_fraction``, ``data.label_seed``).
+
+    A folder whose generator finished (``generator.json``) is reused; one with a checkpoint but
+    no ``generator.json`` (a killed command) is resumed.
+    """
+    from medlatent.methods.registry import get_method
+
+    base = read_config(RunDir(run_dir))
+    spec = get_method(base.method)
+
+    def train(fraction: float, seed: int, steps: int) -> Path:
+        from medlatent.eval.fractions import label_fraction
+
+        out = RunDir(run_dir / "synthetic" / f"fraction-{fraction:g}-seed{seed}")
+        if (out.path / "generator.json").is_file():
+            return out.path
+        if out.has_checkpoint():
+            _log.info(f"generator for {fraction:g} of the labels, seed {seed}: resuming {out.path}")
+            _, fit_result = run_pretraining(None, out.path, resume=True,
+                                            overrides={"train.device": device, "train.time_budget_s": budget_s})
+        else:
+            data = dataclasses.replace(base.data, data_dir=data_dir if data_dir is not None else base.data.data_dir,
+                                       label_fraction=fraction, label_seed=seed)
+            split = load_dataset(data).split(data.split)
+            labels = split.labels[:, 0]
+            n_labelled = len(label_fraction(labels[labels >= 0], fraction, seed))
+            n_images = len(split) if spec.trains_unlabelled else n_labelled
+            batch = min(base.train.batch_size, n_images)  # a gan/vae on 1 % of the labels may have fewer images
+            epochs = steps / max(1, n_images // batch)  # fit() trains round(epochs x steps per epoch) steps
+            cfg = dataclasses.replace(
+                base, data=data, train=dataclasses.replace(base.train, epochs=epochs, batch_size=batch, seed=seed,
+                                                           device=device, time_budget_s=budget_s, log=[], map_every=0))
+            _log.info(f"generator for {fraction:g} of the labels ({n_labelled} labels), seed {seed}: "
+                      f"{cfg.method}, {steps} steps{f' or {budget_s:g} s' if budget_s else ''} -> {out.path}")
+            _, fit_result = run_pretraining(cfg, out.path)
+        meta = out.read_json("data.json")
+        out.write_json("generator.json", dict(fraction=fraction, seed=seed, labels_seen=meta["labels_seen"],
+                                              status=fit_result.status, step=fit_result.step,
+                                              total_steps=fit_result.total_steps, wall_s=fit_result.wall_s))
+        return out.path
+
+    return train
 
 
 # --------------------------------------------------------------------------------- anomaly

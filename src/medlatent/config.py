@@ -264,10 +264,22 @@ class DataConfig:
     normalize: Literal["none", "percentile", "window"] = "percentile"
     window_center: float = 40.0
     window_width: float = bounded(400.0, gt=0)
+    # Train with the labels of only this stratified, seeded fraction of the split (per class
+    # ceil(fraction * n_c), at least one: medlatent.eval.fractions.label_fraction with
+    # label_seed, the draw every label-efficiency protocol makes), as a user who has that many
+    # labels would; the other images count as unlabelled. Only class-conditional generative
+    # models read labels: those that learn the unconditional model alongside (classifier-free
+    # guidance's null class, Ho & Salimans 2022: ddpm, ldm) train on the unlabelled images as
+    # that class; the others (gan, vae) train on the labelled images only. None: every label.
+    # `generate augment --protocol fraction` sets it for each generator it trains.
+    label_fraction: float | None = bounded(None, gt=0, le=1)
+    # Seed of the label_fraction draw (the classifier's seed for the same fraction draws the same images).
+    label_seed: int = bounded(0, ge=0)
 
     def check(self, where: str = "data") -> None:
         """Rules across fields: a mixture names two or more distinct sources, ``weights`` has
-        one entry per source, and ``classes`` (one data set's class indices) needs a single source.
+        one entry per source, ``classes`` (one data set's class indices) needs a single source,
+        and ``label_fraction`` needs a single source with all its classes.
 
         Raises:
             ConfigError: naming ``data.mixture``, ``data.weights`` or ``data.classes``.
@@ -288,6 +300,9 @@ class DataConfig:
         if self.mixture and self.classes is not None:
             raise ConfigError(f"{where}.classes: selects classes of one data set; a mixture's sources have no "
                               f"common label space")
+        if self.label_fraction is not None and (self.mixture or self.classes is not None):
+            raise ConfigError(f"{where}.label_fraction: draws labels of one data set's whole split; it cannot be "
+                              f"combined with data.{'mixture' if self.mixture else 'classes'}")
 
 
 @dataclass

@@ -7,7 +7,9 @@ v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 instead and the loss is || v - v_theta |
 way :meth:`DDPM.denoise` returns eps, so samplers, guidance, anomaly scoring and restoration
 see one interface. Ho and Salimans 2022 (classifier-free guidance): during training the class
 is replaced by a "null" class with probability p_uncond, so one network learns both the
-conditional and the unconditional model. The denoiser is MONAI's ``DiffusionModelUNet``
+conditional and the unconditional model; the same null class lets images without a label (a
+user's unlabelled ones, ``data.label_fraction``) train the unconditional half, so a generator
+needs only the labels a user has. The denoiser is MONAI's ``DiffusionModelUNet``
 (2-D or 3-D; its ``num_class_embeds`` gives the class embedding).
 """
 
@@ -117,7 +119,8 @@ class DDPM(nn.Module):
             if labels is None:
                 raise ValueError("a class-conditional DDPM needs labels")
             drop = torch.rand(b, device=x0.device) < self.p_uncond
-            labels = torch.where(drop, torch.full_like(labels, self.n_classes), labels)  # label dropout
+            # label dropout; unlabelled images arrive as the null class n_classes and stay it
+            labels = torch.where(drop, torch.full_like(labels, self.n_classes), labels)
         target = noise if self.prediction == "epsilon" else self.schedule.velocity(x0, noise, t)
         return F.mse_loss(self._unet_output(x_t, t, labels, False, cond).float(), target.float())
 
@@ -166,5 +169,6 @@ DIFFUSION_TRAINING = {"optim": {"lr": 4e-4, "weight_decay": 0.0, "warmup_epochs"
 
 SPEC = MethodSpec("ddpm", DDPMConfig, _build, whole_image_views,
                   "DDPM (Ho et al. 2020): v- or noise prediction, DDPM/DDIM sampling, classifier-free guidance",
-                  uses_labels=True, pixel_range="symmetric", exports_encoder=False, upgrade_saved=saved_with_epsilon,
+                  uses_labels=True, trains_unlabelled=True, pixel_range="symmetric", exports_encoder=False,
+                  upgrade_saved=saved_with_epsilon,
                   defaults=DIFFUSION_TRAINING)

@@ -3,20 +3,25 @@
 Features come from a *domain encoder*: a ResNet-18/4 classifier trained on the real training
 split with labels (cached per data set), whose penultimate features replace Inception's. The
 same classifier's protocol gives train-on-real-test-on-real (TRTR) and, trained on samples
-instead, train-on-synthetic-test-on-real (TSTR).
+instead, train-on-synthetic-test-on-real (TSTR). The augmentation experiment
+(:func:`augment_experiment`) adds samples to a label fraction; by default each fraction's
+generator is trained with that fraction's labels only (:class:`AugmentConfig`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from medlatent.config import bounded
 from medlatent.train.checkpoint import save_tensors, write_json_atomic
 from medlatent.data.store import Dataset, ImageSet, save_npz
 from medlatent.errors import ConfigError
@@ -27,6 +32,7 @@ from medlatent.eval.metrics import evaluate
 from medlatent.generative.metrics import frechet_distance, memorisation, precision_recall
 
 DOMAIN_BACKBONE = "resnet18-quarter"
+_log = logging.getLogger("medlatent")
 
 
 @torch.no_grad()
@@ -255,45 +261,186 @@ def judge_run(run_dir: str | Path, n: int = 1000, guidance: float = 1.0, steps: 
     return result
 
 
-def augment_experiment(run_dir: str | Path, fractions: tuple[float, ...] = (0.01, 0.1), n_synthetic: int = 2000,
-                       seeds: tuple[int, ...] = (0, 1, 2), guidance: float = 1.0, steps: int = 50,
-                       classifier_epochs: int = 15, data_dir: str | None = None, device: str = "auto",
-                       min_steps: int = 300) -> dict[str, Any]:
+# ----------------------------------------------------------------- synthetic images as training data
+
+AUGMENT_PROTOCOLS = ("fraction", "all-labels")
+
+# (fraction, seed, optimiser steps) -> the folder of a generator run that trained on the train
+# split's images with only that fraction's labels (``api.synthetic_augmentation`` trains it).
+TrainGenerator = Callable[[float, int, int], Path]
+
+
+@dataclass
+class AugmentConfig:
+    """The synthetic-augmentation experiment (``generate augment``): a classifier trained on a
+    label fraction alone, and on the fraction plus a class-conditional generator's samples.
+
+    Protocols:
+
+    * ``"fraction"`` (the default, leak-free): the user's real setting. For each label fraction
+      and seed, a generator is trained with the given run's config (method, options, optimiser)
+      on the unlabelled train images and only the labels of that fraction, drawn by
+      :func:`medlatent.eval.fractions.label_fraction` with the classifier's seed (so the two see
+      the same labels; ``data.label_fraction``/``data.label_seed`` of the generator run). DDPM
+      and latent diffusion train every other train image as the null class of classifier-free
+      guidance (Ho & Salimans 2022), the unconditional model they learn anyway; the GAN and VAE
+      have no null class and train on the labelled images alone.
+    * ``"all-labels"``: the given run's own samples, as the command did before: that generator
+      learned from every label of the train split, labels a user with a fraction does not have.
+      It leaks labels; kept only to reproduce old numbers, and its rows say so.
+    """
+
+    protocol: Literal["fraction", "all-labels"] = "fraction"
+    # The label fractions (MedMNIST's label-efficiency points where synthetic images could matter).
+    fractions: tuple[float, ...] = bounded((0.01, 0.1), gt=0, le=1)
+    # Seeds of the labelled subsets, classifiers and (fraction protocol) generators; the spread
+    # over 3 seeds is what a gain must beat.
+    seeds: tuple[int, ...] = bounded((0, 1, 2), ge=0)
+    # Samples added to the real fraction, class-balanced (2,000: 250 per BloodMNIST class, 17x
+    # the 1 % fraction, so they can matter).
+    n_synthetic: int = bounded(2000, ge=1)
+    # Classifier-free guidance scale of ddpm/ldm sampling (1: the conditional model alone).
+    guidance: float = bounded(1.0, ge=0)
+    # DDIM steps of ddpm/ldm sampling (50: close to the 1,000-step chain at a twentieth of the cost).
+    sampler_steps: int = bounded(50, ge=1)
+    # The ResNet-18/4 classifier's budget (early stopping on the real val split).
+    classifier_epochs: int = bounded(15, ge=1)
+    classifier_min_steps: int = bounded(300, ge=0)
+    # Fraction protocol: optimiser steps of each generator; None: as many as the given run
+    # trained, so a generator gets the training its config was made for.
+    generator_steps: int | None = bounded(None, ge=1)
+    # Fraction protocol: wall-clock cap per generator, in seconds (0: none). 600 s is the small
+    # end of the CPU budgets in docs/generative.md (5-20 min per model); the default experiment
+    # trains 2 fractions x 3 seeds = 6 generators, about an hour. The schedule still spans
+    # generator_steps, so a capped generator is a truncated run.
+    generator_budget_s: float = bounded(600.0, ge=0)
+
+    def check(self, where: str = "augment") -> None:
+        if not self.fractions or not self.seeds:
+            raise ConfigError(f"{where}: needs at least one label fraction and one seed")
+
+
+def _labels_seen(meta: dict[str, Any]) -> int:
+    """Labels a generator run trained with (runs before ``labels_seen``: every training image's)."""
+    seen = meta.get("labels_seen")
+    return int(seen) if seen is not None else int(meta["n_images"])
+
+
+def augment_experiment(run_dir: str | Path, cfg: AugmentConfig, data_dir: str | None = None, device: str = "auto",
+                       train_generator: TrainGenerator | None = None) -> dict[str, Any]:
     """A classifier on a labelled fraction alone vs the fraction plus class-conditional samples
-    (real val for early stopping, real test for the score); mean and std over seeds."""
+    (real val for early stopping, real test for the score); the gain's mean and std over seeds.
+
+    Args:
+        run_dir: a class-conditional generative run: the generator itself (``"all-labels"``), or
+            the config every fraction's generator is trained with (``"fraction"``).
+        cfg: protocol, fractions, seeds and budgets (:class:`AugmentConfig`).
+        train_generator: trains the generator of one fraction and seed (``"fraction"``).
+
+    Returns:
+        ``rows`` (one per fraction, seed and training, with ``protocol``, ``labels_seen`` (labels
+        the generator trained with), ``leaks_labels`` and the generator's folder), ``summary``
+        (mean and std per fraction and training) and ``gains`` (real + synthetic minus real only,
+        paired by seed: mean, std, and whether the mean exceeds two std); written to
+        ``<run>/synthetic_augmentation-<protocol>.json`` (``file``).
+
+    Raises:
+        ConfigError: an unconditional run, or a generator that saw other labels than the
+            classifier's fraction.
+    """
     import dataclasses
 
+    from medlatent.config import check_ranges
     from medlatent.data.sources import load_dataset
 
-    model, meta, step, cfg = load_generator(run_dir, device)
+    check_ranges(cfg, "augment")
+    if cfg.protocol == "fraction" and train_generator is None:
+        raise ValueError("the fraction protocol needs train_generator (api.synthetic_augmentation passes it)")
+    model, meta, step, run_cfg = load_generator(run_dir, device)
     if not meta.get("condition_classes", 0):
         raise ConfigError(f"{run_dir}: synthetic augmentation needs a class-conditional model (--conditional)")
     dev = next(model.parameters()).device
-    data = load_dataset(dataclasses.replace(cfg.data, data_dir=data_dir if data_dir is not None else cfg.data.data_dir)).labelled()
-    images, labels, _ = sample_images(model, n_synthetic, _shape(meta), meta["condition_classes"], None, guidance,
-                                      steps, 0, device=dev)
-    synth = ImageSet(images, labels)
-    mean, std = [0.5] * data.channels, [0.5] * data.channels
-    rows = []
+    data = load_dataset(dataclasses.replace(run_cfg.data, data_dir=data_dir if data_dir is not None
+                                            else run_cfg.data.data_dir)).labelled()
     train = data.split("train")
-    for fraction in fractions:
-        for seed in seeds:
-            idx = label_fraction(train.labels, fraction, seed)
+    mean, std = [0.5] * data.channels, [0.5] * data.channels
+    generator_steps = cfg.generator_steps or max(1, step)
+    shared = None
+    if cfg.protocol == "all-labels":
+        images, labels, _ = sample_images(model, cfg.n_synthetic, _shape(meta), meta["condition_classes"], None,
+                                          cfg.guidance, cfg.sampler_steps, 0, device=dev)
+        shared = (ImageSet(images, labels), Path(run_dir), step, _labels_seen(meta))
+        _log.warning(f"--protocol all-labels: the generator {run_dir} trained with {_labels_seen(meta)} labels, "
+                     f"more than the classifiers' fractions have: these numbers leak labels (kept to reproduce "
+                     f"old results; --protocol fraction is the user's real setting)")
+    del model
+    rows = []
+    for fraction in cfg.fractions:
+        for seed in cfg.seeds:
+            idx = label_fraction(train.labels, fraction, seed)  # the classifier's labelled subset
             real = train.subset(idx)
+            synth, gen_dir, gen_step, seen = shared or _fraction_samples(train_generator, fraction, seed,
+                                                                         generator_steps, len(idx), cfg, dev)
             mixed = ImageSet(torch.cat([real.images, synth.images]), torch.cat([real.labels, synth.labels]))
             for name, subset in (("real only", real), ("real + synthetic", mixed)):
-                clf = train_classifier(subset, data, mean, std, dev, classifier_epochs, seed, min_steps)
-                rows.append(dict(fraction=fraction, seed=seed, training=name, n_real=len(idx),
-                                 n_synthetic=len(synth) if name != "real only" else 0,
+                clf = train_classifier(subset, data, mean, std, dev, cfg.classifier_epochs, seed,
+                                       cfg.classifier_min_steps)
+                rows.append(dict(protocol=cfg.protocol, fraction=fraction, seed=seed, training=name, n_real=len(idx),
+                                 n_synthetic=len(synth) if name != "real only" else 0, labels_seen=seen,
+                                 leaks_labels=seen > len(idx), generator=str(gen_dir), generator_step=gen_step,
                                  **_accuracy(clf, data, mean, std, dev)))
+    result = dict(model=run_cfg.method, data=data.name, step=step, protocol=cfg.protocol,
+                  leaks_labels=any(r["leaks_labels"] for r in rows), n_synthetic=cfg.n_synthetic,
+                  guidance=cfg.guidance, generator_steps=generator_steps if cfg.protocol == "fraction" else None,
+                  generator_budget_s=cfg.generator_budget_s if cfg.protocol == "fraction" else None,
+                  rows=rows, summary=_augment_summary(rows, cfg), gains=_augment_gains(rows, cfg))
+    path = _write_json(Path(run_dir) / f"synthetic_augmentation-{cfg.protocol}.json", result)
+    return dict(result, file=str(path))
+
+
+def _fraction_samples(train_generator: TrainGenerator, fraction: float, seed: int, steps: int, n_labels: int,
+                      cfg: AugmentConfig, device: torch.device) -> tuple[ImageSet, Path, int, int]:
+    """Samples of the generator trained on this fraction's labels: (samples, its run folder, its
+    step, labels it saw), after checking it saw as many labels as the classifier's fraction holds."""
+    gen_dir = train_generator(fraction, seed, steps)
+    model, meta, step, _ = load_generator(gen_dir, device)
+    seen = _labels_seen(meta)
+    if meta.get("label_fraction") != fraction or meta.get("label_seed") != seed or seen != n_labels:
+        raise ConfigError(f"{gen_dir}: this generator trained with {seen} labels (data.label_fraction "
+                          f"{meta.get('label_fraction')}, seed {meta.get('label_seed')}), not the {n_labels} of the "
+                          f"classifier's {fraction:g} fraction with seed {seed}; remove the folder to train it again")
+    images, labels, _ = sample_images(model, cfg.n_synthetic, _shape(meta), meta["condition_classes"], None,
+                                      cfg.guidance, cfg.sampler_steps, seed, device=device)
+    return ImageSet(images, labels), Path(gen_dir), step, seen
+
+
+def _augment_summary(rows: list[dict[str, Any]], cfg: AugmentConfig) -> list[dict[str, Any]]:
+    """Mean and std (over seeds) of test ACC/AUC per fraction and training."""
     summary = []
-    for fraction in fractions:
+    for fraction in cfg.fractions:
         for name in ("real only", "real + synthetic"):
-            acc = np.array([r["acc"] for r in rows if r["fraction"] == fraction and r["training"] == name])
-            auc = np.array([r["auc"] for r in rows if r["fraction"] == fraction and r["training"] == name])
-            summary.append(dict(fraction=fraction, training=name, acc=float(acc.mean()), acc_std=float(acc.std()),
-                                auc=float(auc.mean()), auc_std=float(auc.std()), n_seeds=len(acc)))
-    result = dict(model=cfg.method, data=data.name, step=step, n_synthetic=n_synthetic, guidance=guidance,
-                  rows=rows, summary=summary)
-    _write_json(Path(run_dir) / "synthetic_augmentation.json", result)
-    return result
+            mine = [r for r in rows if r["fraction"] == fraction and r["training"] == name]
+            acc, auc = np.array([r["acc"] for r in mine]), np.array([r["auc"] for r in mine])
+            summary.append(dict(protocol=cfg.protocol, fraction=fraction, training=name, acc=float(acc.mean()),
+                                acc_std=float(acc.std()), auc=float(auc.mean()), auc_std=float(auc.std()),
+                                n_seeds=len(acc), labels_seen=[r["labels_seen"] for r in mine],
+                                leaks_labels=any(r["leaks_labels"] for r in mine)))
+    return summary
+
+
+def _augment_gains(rows: list[dict[str, Any]], cfg: AugmentConfig) -> list[dict[str, Any]]:
+    """Per fraction: (real + synthetic) - (real only), paired by seed (same labelled subset and
+    classifier seed), its mean and std over seeds (numpy's, ddof 0, as the summary's), and
+    whether the mean gain exceeds two std (the issue's target)."""
+    gains = []
+    for fraction in cfg.fractions:
+        pick = {(r["seed"], r["training"]): r for r in rows if r["fraction"] == fraction}
+        entry: dict[str, Any] = dict(protocol=cfg.protocol, fraction=fraction, n_seeds=len(cfg.seeds))
+        for m in ("acc", "auc"):
+            d = np.array([pick[(s, "real + synthetic")][m] - pick[(s, "real only")][m] for s in cfg.seeds])
+            entry[f"{m}_gain"], entry[f"{m}_gain_std"] = float(d.mean()), float(d.std())
+        entry["gain_over_two_std"] = bool(entry["acc_gain"] > 2 * entry["acc_gain_std"])
+        entry["labels_seen"] = [pick[(s, "real only")]["labels_seen"] for s in cfg.seeds]
+        entry["leaks_labels"] = any(pick[(s, "real only")]["leaks_labels"] for s in cfg.seeds)
+        gains.append(entry)
+    return gains

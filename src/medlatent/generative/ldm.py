@@ -103,5 +103,6 @@ def _build(encoder: nn.Module, o: LDMConfig, context: BuildContext) -> LDM:
 
 SPEC = MethodSpec("ldm", LDMConfig, _build, whole_image_views,
                   "latent diffusion (Rombach et al. 2022): MONAI AutoencoderKL + DDPM on its latents",
-                  uses_labels=True, pixel_range="symmetric", exports_encoder=False, upgrade_saved=saved_with_epsilon,
+                  uses_labels=True, trains_unlabelled=True, pixel_range="symmetric", exports_encoder=False,
+                  upgrade_saved=saved_with_epsilon,
                   defaults=DIFFUSION_TRAINING)

@@ -65,6 +65,9 @@ class MethodSpec:
         summary: one line for ``--help`` and the README.
         needs_vit: the method works on patch tokens (MAE, I-JEPA) and needs a ViT encoder.
         uses_labels: forward takes (views, labels (B,)) - class-conditional generative models.
+        trains_unlabelled: a class-conditional model that also learns the unconditional one
+            (classifier-free guidance, Ho & Salimans 2022): an image without a label trains as
+            the null class, index ``n_classes`` (``data.label_fraction``).
         pixel_range: "standardised" (per-channel mean/std), "symmetric" ([-1, 1], what
             generative models produce and are trained on) or "unit" ([0, 1], restoration).
         exports_encoder: the run's result is an encoder (written as encoder.safetensors).
@@ -83,6 +86,7 @@ class MethodSpec:
     summary: str
     needs_vit: bool = False
     uses_labels: bool = False
+    trains_unlabelled: bool = False
     pixel_range: str = "standardised"
     exports_encoder: bool = True
     upgrade_saved: Callable[[dict[str, Any]], dict[str, Any]] | None = None
