@@ -196,7 +196,55 @@ def test_cpu_blur_in_chunks_of_the_chosen_samples_equals_one_convolution_of_all(
     radius = math.ceil(3 * sigma[1])
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
     k = torch.exp(-0.5 * (t[None] / s[:, None]) ** 2)
+    k = k * (t.abs()[None] <= (3 * s[:, None]).ceil())  # each sample's kernel ends at ceil(3 sigma)
     k = k / k.sum(1, keepdim=True)
     want = ops._select(mask, ops._separable_all(x, k, radius), x)
-    assert 37 < int(mask.sum()) < 160 and torch.equal(got, want)
+    assert 37 < int(mask.sum()) < 160 and torch.allclose(got, want, atol=1e-6)
     assert torch.equal(got[~mask], x[~mask])
+    assert len((3 * s[mask]).ceil().unique()) > 3  # several kernel widths were grouped
+
+
+def test_small_sigma_blurs_with_its_own_three_taps():
+    x = batch(1, 1, 16)
+    y = ops.gaussian_blur(x, 1.0, (0.3, 0.3), gen())  # ceil(3 * 0.3) = 1: taps -1, 0, 1
+    k = torch.exp(-0.5 * (torch.tensor([-1.0, 0.0, 1.0]) / 0.3) ** 2)
+    k = k / k.sum()
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    want = torch.nn.functional.conv2d(padded, (k[:, None] * k[None, :])[None, None])
+    assert torch.allclose(y, want, atol=1e-6)
+
+
+def _geometry_draws(b: int, seed: int, **kw: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crop and orientation matrices random_geometry draws for ``seed`` (the same order)."""
+    g = gen(seed)
+    theta = ops.crop_matrix(g, b, 2, (0.25, 1.0), (3 / 4, 4 / 3))
+    orient = ops.flip_matrix(g, b, 2, kw["hflip"], 0) @ ops.flip_matrix(g, b, 2, kw["vflip"], 1)
+    return theta, ops.rot90_matrix(g, b, 2, kw["rot90"]) @ orient
+
+
+def test_large_cpu_views_are_grid_sample_over_each_whole_pixel_crop():
+    """At >= 96 px on a CPU each image is cropped to its box in whole pixels and resized on its
+    own: the values of grid_sample over that crop, flips and quarter turns included."""
+    b, kw = 24, dict(hflip=0.5, vflip=0.5, rot90=0.5)
+    x = torch.rand(b, 3, 100, 130, generator=gen(1))  # not square: the axes cannot be swapped unseen
+    y = ops.random_geometry(x, 96, gen(7), scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), **kw)
+    theta, orient = _geometry_draws(b, 7, **kw)
+    boxes = ops.crop_boxes(theta, 100, 130)
+    assert y.shape == (b, 3, 96, 96)
+    assert bool((boxes[:, :2] >= 0).all() and (boxes[:, 0] + boxes[:, 2] <= 100).all()
+                and (boxes[:, 1] + boxes[:, 3] <= 130).all())
+    for i, (top, left, h, w) in enumerate(boxes.tolist()):
+        crop = x[i:i + 1, :, top:top + h, left:left + w]
+        identity_crop = torch.cat([orient[i:i + 1], torch.zeros(1, 2, 1)], 2)
+        assert torch.allclose(y[i], ops.warp(crop, identity_crop, 96, "border")[0], atol=5e-5)
+        area = h * w / (100 * 130)
+        assert 0.23 < area < 1.01
+    assert bool((orient[:, 0, 0] == 0).any() and (orient[:, 0, 0] != 0).any())  # turns and non-turns seen
+
+
+def test_large_uint8_views_match_the_float_views_to_one_level():
+    x8 = torch.randint(0, 256, (8, 3, 128, 128), dtype=torch.uint8, generator=gen(2))
+    kw = dict(scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5)
+    a = ops.random_geometry(x8, 112, gen(3), **kw)
+    b = ops.random_geometry(x8.float() / 255, 112, gen(3), **kw)
+    assert a.dtype == torch.float32 and float((a - b).abs().max()) <= 1.01 / 255

@@ -16,7 +16,8 @@ How each setting follows the image side (28, 64, 128, 224 px; 28 and 64 for volu
   BYOL's (0.1, 2.0) px at 224 px (Chen et al. 2020, App. A; Grill et al. 2020, Table 6) times
   max(size / 224, 1/2): (0.05, 1.0) px at 28 and 64 (a weaker blur would change less than a
   pixel), (0.057, 1.14) at 128, (0.1, 2.0) at 224. The kernel (``ops.gaussian_blur``) spans
-  +-3 sigma of the largest sigma: 7 taps at 28 and 64, 9 at 128, 13 at 224. SimCLR's kernel of
+  +-3 sigma of the largest sigma at 28 and 64 px (7 taps), and from 96 px +-ceil(3 sigma) of each
+  sample's own sigma (at most 9 taps at 128, 13 at 224; fewer for a small sigma). SimCLR's kernel of
   10% of the side (23 taps at 224) adds taps holding 0.1% of the weight, so it is not copied.
   ``ViewConfig.blur_sigma`` (used when ``views.blur`` is set for SimCLR or MoCo) is taken as
   given, in pixels of the view.
@@ -90,7 +91,8 @@ def geometric_only(cfg: ViewConfig, crop_scale: tuple[float, float]) -> ViewConf
 
 
 def augment(x: torch.Tensor, cfg: ViewConfig, size: int, g: torch.Generator) -> torch.Tensor:
-    """One augmented view of a float batch in [0, 1]: (B, C, *S) -> (B, C, *size), in [0, 1].
+    """One augmented view of a uint8 batch or a float one in [0, 1]: (B, C, *S) -> float
+    (B, C, *size), in [0, 1].
 
     The order is SimCLR's: crop and flip, then photometric distortion, then blur. Geometry is
     one resampling and colour one matrix product per sample (see ops.py). ``cfg`` is a
@@ -149,7 +151,7 @@ class ViewRecipe:
         for cfg, size in self.views:
             out = torch.empty(len(images), images.shape[1], *[size] * (images.dim() - 2))
             for a in range(0, len(images), chunk):
-                out[a:a + chunk] = ops.normalize(augment(to_float(images[a:a + chunk]), cfg, size, g), mean, std)
+                ops.normalize(augment(images[a:a + chunk], cfg, size, g), mean, std, out=out[a:a + chunk])
             views.append(out)
         return views
 
