@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
@@ -248,3 +249,32 @@ def test_large_uint8_views_match_the_float_views_to_one_level():
     a = ops.random_geometry(x8, 112, gen(3), **kw)
     b = ops.random_geometry(x8.float() / 255, 112, gen(3), **kw)
     assert a.dtype == torch.float32 and float((a - b).abs().max()) <= 1.01 / 255
+
+
+def test_large_cpu_views_do_not_depend_on_the_thread_count():
+    """Chunks of large views run on a pool of threads with their own generators: the same
+    views on one thread and on two, and the caller keeps its own thread count."""
+    x = torch.randint(0, 256, (30, 3, 224, 224), dtype=torch.uint8, generator=gen(4))  # 3 chunks of <= 13
+    cfg = resolve(ViewConfig(blur=0.5), "pathmnist")
+    recipe = ViewRecipe([(cfg, 224), (cfg, 96)], mean=[0.5] * 3, std=[0.25] * 3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = recipe(x, gen(5))
+        torch.set_num_threads(2)
+        two = recipe(x, gen(5))
+        assert torch.get_num_threads() == 2
+        from medlatent.augment.views import _chunk_pool
+
+        assert _chunk_pool(2).submit(torch.get_num_threads).result() == 1  # the workers: one thread each
+        later: list[int] = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later == [2]  # threads started later still take the caller's count
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    assert one[0].shape == (30, 3, 224, 224) and one[1].shape == (30, 3, 96, 96)
+    assert not torch.allclose(one[0][:13], one[0][13:26])  # each chunk its own draws
+    assert not torch.equal(recipe(x, gen(6))[0], one[0])

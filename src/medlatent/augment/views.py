@@ -28,6 +28,10 @@ How each setting follows the image side (28, 64, 128, 224 px; 28 and 64 for volu
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +58,30 @@ COLOUR_IS_CLASS = frozenset({"bloodmnist"})
 PAPER_BLUR_SIGMA = (0.1, 2.0)
 
 _CPU_VIEW_VALUES = 2 ** 21  # values per chunk of a view on a CPU (8 MB of float32), see ViewRecipe
+
+
+@functools.cache
+def _chunk_pool(workers: int) -> ThreadPoolExecutor:
+    """Threads for the chunks of CPU views, each running torch ops on one intra-op thread.
+
+    ``torch.set_num_threads`` sets the calling thread's OpenMP team size (the caller keeps its
+    own) and also the default that a thread takes at its first torch op, so each worker makes
+    that first call before setting one thread, and once every worker has, the caller's count
+    is set again as the default."""
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="medlatent-views", initializer=_one_thread)
+    started = threading.Barrier(workers)
+    list(pool.map(lambda _: started.wait(), range(workers)))  # every worker thread exists and is set to one
+    torch.set_num_threads(workers)
+    return pool
+
+
+if hasattr(os, "register_at_fork"):  # a forked child (DataLoader workers) has none of the parent's threads
+    os.register_at_fork(after_in_child=_chunk_pool.cache_clear)
+
+
+def _one_thread() -> None:
+    torch.get_num_threads()  # the thread's first torch call takes the default count ...
+    torch.set_num_threads(1)  # ... so this setting is not undone by it later
 
 
 def blur_sigma(size: int) -> tuple[float, float]:
@@ -136,8 +164,13 @@ class ViewRecipe:
         written into the view's output: every op makes a new tensor, and a new 150-MB tensor
         (256 images at 224 px) is fresh memory that the kernel maps page by page, 5x the cost of
         the arithmetic on it; chunks reuse the allocator's memory and stay in cache (2x faster
-        views at 224 px, docs/data-at-scale.md). The generator is drawn chunk by chunk, so the
-        views are a function of the seed and the batch, as before."""
+        views at 224 px, docs/data-at-scale.md). The chunks are spread over ``torch.get_num_threads()``
+        threads, each op on one thread: large views crop and resize image by image, which one
+        op cannot spread over the cores, and two chunks at once use both cores where one chunk
+        on two threads left one waiting. Each chunk draws from its own generator, seeded from
+        ``g`` in chunk order, so the views are a function of the seed and the batch whatever the
+        number of threads. A batch that fits in one chunk (28 and 64 px) draws from ``g``
+        itself, as before."""
         mean = torch.tensor(self.mean, device=images.device)
         std = torch.tensor(self.std, device=images.device)
         chunk = len(images)
@@ -147,12 +180,23 @@ class ViewRecipe:
         if chunk >= len(images):
             x = to_float(images)
             return [ops.normalize(augment(x, cfg, size, g), mean, std) for cfg, size in self.views]
-        views = []
-        for cfg, size in self.views:
-            out = torch.empty(len(images), images.shape[1], *[size] * (images.dim() - 2))
-            for a in range(0, len(images), chunk):
-                ops.normalize(augment(images[a:a + chunk], cfg, size, g), mean, std, out=out[a:a + chunk])
-            views.append(out)
+        starts = range(0, len(images), chunk)
+        views = [torch.empty(len(images), images.shape[1], *[size] * (images.dim() - 2)) for _, size in self.views]
+        tasks = [(v, a, int(seed)) for v in range(len(self.views))
+                 for a, seed in zip(starts, torch.randint(0, 2 ** 62, (len(starts),), generator=g))]
+
+        def one(task: tuple[int, int, int]) -> None:
+            v, a, seed = task
+            cfg, size = self.views[v]
+            x = augment(images[a:a + chunk], cfg, size, torch.Generator().manual_seed(seed))
+            ops.normalize(x, mean, std, out=views[v][a:a + chunk])
+
+        workers = torch.get_num_threads()
+        if workers == 1:
+            for task in tasks:
+                one(task)
+        else:
+            list(_chunk_pool(workers).map(one, tasks))  # list(): re-raises a worker's exception here
         return views
 
     def plain(self, images: torch.Tensor, size: int | None = None) -> torch.Tensor:

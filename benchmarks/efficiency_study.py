@@ -1,0 +1,270 @@
+"""Label efficiency on four MedMNIST subsets: every protocol at 1/10/25/100 % of the labels, 3 seeds.
+
+Data: BloodMNIST, PneumoniaMNIST, BreastMNIST, RetinaMNIST (28 px, the shared official files).
+Encoders: one SimCLR ResNet-18/4 per data set, pretrained on that set's train images (no labels)
+for 10 CPU-minutes on one thread with the current views (``benchmarks/foundation.py``: cells
+``random-<data>-s0`` and ``single-<data>``). Protocols (``medlatent.eval.session.PROTOCOLS``):
+supervised from scratch, k-NN and linear probe (frozen), fine-tuning, LP-FT, FixMatch from scratch
+and from the encoder; each trained protocol chooses its learning rate and encoder scale on val
+from the same grid (``FinetuneConfig``: 6 candidates at a quarter budget, the best retrained),
+so the baseline is tuned exactly as the self-supervised protocols are.
+
+A cell is (data set, protocol, fraction, seed): one process on one thread, one JSON under
+``benchmarks/out/efficiency_study/<data>/`` with the test (and val) row, the chosen learning
+rate, the process CPU seconds and the command that reproduces it. A rerun skips the cells
+already there, so the study can be finished over several sessions; ``--table-only`` prints the
+tables, the target checks and writes one figure per data set from whatever cells exist.
+The frozen probes share one cell (``frozen``: k-NN and linear from the same features). Cells
+run through ``RunEvaluation`` directly, so no cell writes into an encoder's run folder and two
+cells on one encoder may run side by side.
+
+    python benchmarks/efficiency_study.py --jobs 2                         # every cell not yet done
+    python benchmarks/efficiency_study.py --only 'breastmnist/*' --jobs 2  # fnmatch on <data>/<cell>
+    python benchmarks/efficiency_study.py --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+OUT = Path("benchmarks/out/efficiency_study")
+ENCODERS = Path("benchmarks/out/foundation/runs")
+DATASETS = ("bloodmnist", "pneumoniamnist", "breastmnist", "retinamnist")
+FRACTIONS = (0.01, 0.1, 0.25, 1.0)
+SEEDS = (0, 1, 2)
+TRAINED = ("supervised", "finetune", "lpft", "semi-scratch", "semi")
+# cheap protocols first, so a partial study already has every data set's frozen and supervised rows
+ORDER = ("frozen", "supervised", "finetune", "lpft", "semi-scratch", "semi")
+# MedMNIST v2 (Yang et al. 2023, Table 3): ResNet-18 (28), supervised on every train label, test ACC
+PUBLISHED_RESNET18_28 = {"bloodmnist": 0.958, "pneumoniamnist": 0.854, "breastmnist": 0.863, "retinamnist": 0.524}
+
+
+def encoder_run(data: str) -> Path:
+    """The SimCLR encoder of ``data`` (10 CPU-minutes, seed 0) from the foundation benchmark."""
+    name = f"random-{data}-s0" if data in ("bloodmnist", "pneumoniamnist") else f"single-{data}"
+    return ENCODERS / name
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (data set, protocol, fraction, seed); ``protocol`` ``frozen`` = k-NN and linear probe."""
+
+    data: str
+    protocol: str
+    fraction: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.data}/{self.protocol}-{self.fraction:g}-s{self.seed}"
+
+    def file(self, out: Path) -> Path:
+        return out / self.data / f"{self.protocol}-{self.fraction:g}-s{self.seed}.json"
+
+
+def cells() -> list[Cell]:
+    """Every cell: by protocol (cheap first), then data set (small first), fraction and seed."""
+    small_first = sorted(DATASETS, key=lambda d: ("breastmnist", "retinamnist", "pneumoniamnist",
+                                                  "bloodmnist").index(d))
+    return [Cell(d, p, f, s) for p in ORDER for d in small_first for f in FRACTIONS for s in SEEDS]
+
+
+def run_cell(c: Cell) -> dict:
+    """Evaluate one cell in this process (one thread); returns its JSON record."""
+    import torch
+
+    from medlatent.eval.finetune import FinetuneConfig
+    from medlatent.eval.semi import SemiConfig
+    from medlatent.eval.session import RunEvaluation
+
+    torch.set_num_threads(1)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    ev = RunEvaluation(encoder_run(c.data), None, None, "cpu")
+    splits = ("val", "test")
+    if c.protocol == "frozen":
+        rows = ev.frozen_rows(c.fraction, c.seed, splits)
+    else:
+        rows = ev.trained_rows(c.fraction, c.seed, splits, FinetuneConfig(), c.protocol, None, SemiConfig())
+    return dict(cell=c.name, data=c.data, protocol=c.protocol, fraction=c.fraction, seed=c.seed,
+                encoder=str(encoder_run(c.data)), encoder_step=ev.step, rows=rows,
+                cpu_s=time.process_time() - cpu0, wall_s=time.perf_counter() - wall0,
+                command=f"python benchmarks/efficiency_study.py --only '{c.name}'",
+                machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
+                             torch=torch.__version__, python=platform.python_version()))
+
+
+def drive(todo: list[Cell], jobs: int, out: Path) -> None:
+    """Run the cells not yet done, ``jobs`` processes at a time (one thread each); skip a data set
+    whose encoder run is missing, with one line."""
+    pending = [c for c in todo if not c.file(out).exists()]
+    missing = sorted({c.data for c in pending if not (encoder_run(c.data) / "checkpoints").exists()})
+    for d in missing:
+        print(f"skip {d}: no encoder at {encoder_run(d)} (run benchmarks/foundation.py first)", flush=True)
+    pending = [c for c in pending if c.data not in missing]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    running: dict[Cell, subprocess.Popen] = {}
+    while pending or running:
+        for c, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[c]
+                print(f"{time.strftime('%H:%M:%S')} {c.name}: {'done' if proc.returncode == 0 else 'FAILED'}",
+                      flush=True)
+        while pending and len(running) < jobs:
+            c = pending.pop(0)
+            c.file(out).parent.mkdir(parents=True, exist_ok=True)
+            log = c.file(out).with_suffix(".log").open("w")
+            running[c] = subprocess.Popen([sys.executable, __file__, "--cell", c.name, "--out-dir", str(out)],
+                                          stdout=log, stderr=subprocess.STDOUT, env=env)
+            print(f"{time.strftime('%H:%M:%S')} {c.name}: started", flush=True)
+        time.sleep(2)
+
+
+# ------------------------------------------------------------------------------ tables and figure
+
+
+def load(out: Path) -> list[dict]:
+    """Every finished cell's test rows, flattened: dicts with data, protocol, fraction, seed, acc, auc, cpu_s."""
+    rows = []
+    for f in sorted(out.glob("*/*.json")):
+        r = json.loads(f.read_text())
+        for row in r["rows"]:
+            if row["split"] == "test":
+                rows.append(dict(data=r["data"], protocol=row["protocol"], fraction=r["fraction"], seed=r["seed"],
+                                 acc=row["acc"], auc=row["auc"], cpu_s=r["cpu_s"], lr=row.get("lr"),
+                                 encoder_lr_scale=row.get("encoder_lr_scale")))
+    return rows
+
+
+def stats(rows: list[dict], key: str) -> tuple[float, float, int] | None:
+    """(mean, sd, n) of ``key`` over rows (sd 0 for one row); None for no rows."""
+    values = [r[key] for r in rows]
+    if not values:
+        return None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values)
+
+
+def fmt(s: tuple[float, float, int] | None) -> str:
+    if s is None:
+        return "-"
+    mean, sd, n = s
+    return f"{mean:.3f} ± {sd:.3f}" + ("" if n == 3 else f" ({n})")
+
+
+def table(rows: list[dict], data: str) -> str:
+    """Markdown: protocol x fraction, test ACC (AUC below), mean ± sd over seeds, and CPU-minutes per cell."""
+    mine = [r for r in rows if r["data"] == data]
+    lines = [f"\n**{data}** (test ACC / AUC, mean ± sd over seeds; CPU-min: mean per cell)\n",
+             "| protocol | " + " | ".join(f"{f:.0%}" for f in FRACTIONS) + " | CPU-min |",
+             "| --- |" + " --- |" * (len(FRACTIONS) + 1)]
+    for p in ("supervised", "knn", "linear", "finetune", "lpft", "semi-scratch", "semi"):
+        got = [r for r in mine if r["protocol"] == p]
+        if not got:
+            continue
+        cols = []
+        for f in FRACTIONS:
+            at = [r for r in got if r["fraction"] == f]
+            cols.append(f"{fmt(stats(at, 'acc'))} / {fmt(stats(at, 'auc'))}" if at else "-")
+        lines.append(f"| {p} | " + " | ".join(cols) + f" | {statistics.mean(r['cpu_s'] for r in got) / 60:.1f} |")
+    return "\n".join(lines)
+
+
+def checks(rows: list[dict], data: str) -> list[str]:
+    """The study's targets on one data set, each as a line saying met / missed and by how much."""
+    lines = []
+
+    def acc(p: str, f: float) -> tuple[float, float, int] | None:
+        return stats([r for r in rows if r["data"] == data and r["protocol"] == p and r["fraction"] == f], "acc")
+
+    for f in FRACTIONS:
+        base = acc("supervised", f)
+        best = max(((p, acc(p, f)) for p in ("knn", "linear", "finetune", "lpft", "semi", "semi-scratch")
+                    if acc(p, f)), key=lambda x: x[1][0], default=None)
+        if base and best:
+            margin = 0.01 if f <= 0.1 else 0.0
+            diff = best[1][0] - base[0]
+            ok = diff >= margin
+            lines.append(f"{data} {f:.0%}: best {best[0]} {best[1][0]:.3f} vs supervised {base[0]:.3f} "
+                         f"({diff:+.3f}; needs {'+' if margin else '>= '}{margin:.2f}) {'met' if ok else 'MISSED'}")
+        ft, lin = acc("finetune", f), acc("linear", f)
+        if ft and lin:
+            spread = max(ft[1], lin[1])
+            ok = ft[0] >= lin[0] - spread
+            lines.append(f"{data} {f:.0%}: fine-tune {ft[0]:.3f} vs linear {lin[0]:.3f} (seed sd {spread:.3f}) "
+                         f"{'met' if ok else 'MISSED'}")
+    full = [a for a in (acc("finetune", 1.0), acc("lpft", 1.0)) if a]
+    if full:
+        best = max(a[0] for a in full)
+        target = PUBLISHED_RESNET18_28[data]
+        lines.append(f"{data} 100%: fine-tuned {best:.3f} vs published ResNet-18 (28) {target:.3f} "
+                     f"({best - target:+.3f}) {'met' if best >= target else 'MISSED'}")
+    return lines
+
+
+def figure(rows: list[dict], data: str, path: Path) -> None:
+    """Test ACC against the label fraction (log axis), one line per protocol, error bars = sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    for p in ("supervised", "knn", "linear", "finetune", "lpft", "semi-scratch", "semi"):
+        pts = [(f, stats([r for r in rows if r["data"] == data and r["protocol"] == p and r["fraction"] == f], "acc"))
+               for f in FRACTIONS]
+        pts = [(f, s) for f, s in pts if s]
+        if pts:
+            ax.errorbar([f for f, _ in pts], [s[0] for _, s in pts], yerr=[s[1] for _, s in pts], marker="o",
+                        capsize=3, label=p, linestyle="--" if p == "supervised" else "-")
+    ax.set_xscale("log")
+    ax.set_xticks(FRACTIONS, [f"{f:.0%}" for f in FRACTIONS])
+    ax.set_xlabel("labelled fraction of the train split")
+    ax.set_ylabel("test ACC")
+    ax.set_title(f"{data} (28 px, SimCLR ResNet-18/4 encoder)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--only", default="*", help="fnmatch pattern on <data>/<protocol>-<fraction>-s<seed>")
+    ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out-dir", default=str(OUT))
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out_dir)
+    if args.cell:
+        c = {x.name: x for x in cells()}[args.cell]
+        result = run_cell(c)
+        tmp = c.file(out).with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(c.file(out))  # published whole: a killed cell leaves no result to skip
+        print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "machine")}))
+        return
+    if not args.table_only:
+        drive([c for c in cells() if fnmatch.fnmatch(c.name, args.only)], args.jobs, out)
+    rows = load(out)
+    for d in DATASETS:
+        if any(r["data"] == d for r in rows):
+            print(table(rows, d))
+            figure(rows, d, out / f"{d}.png")
+    print()
+    for d in DATASETS:
+        for line in checks(rows, d):
+            print(line)
+
+
+if __name__ == "__main__":
+    main()
