@@ -10,10 +10,11 @@ from the same grid (``FinetuneConfig``: 6 candidates at a quarter budget, the be
 so the baseline is tuned exactly as the self-supervised protocols are.
 
 A cell is (data set, protocol, fraction, seed): one process on one thread, one JSON under
-``benchmarks/out/efficiency_study/<data>/`` with the test (and val) row, the chosen learning
-rate, the process CPU seconds and the command that reproduces it. A rerun skips the cells
-already there, so the study can be finished over several sessions; ``--table-only`` prints the
-tables, the target checks and writes one figure per data set from whatever cells exist.
+``benchmarks/results/efficiency_study/<data>/`` (its log under ``benchmarks/out/``) with the
+test (and val) row, the chosen learning rate, the process CPU seconds and the command that
+reproduces it. A rerun skips the cells already there, so the study can be finished over
+several sessions; ``--table-only`` prints the tables, the target checks and writes one figure
+per data set from whatever cells exist.
 The frozen probes share one cell (``frozen``: k-NN and linear from the same features). Cells
 run through ``RunEvaluation`` directly, so no cell writes into an encoder's run folder and two
 cells on one encoder may run side by side.
@@ -37,7 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-OUT = Path("benchmarks/out/efficiency_study")
+OUT = Path("benchmarks/results/efficiency_study")  # one JSON per cell (committed)
+LOGS = Path("benchmarks/out/efficiency_study")  # one log per cell (not committed)
 ENCODERS = Path("benchmarks/out/foundation/runs")
 DATASETS = ("bloodmnist", "pneumoniamnist", "breastmnist", "retinamnist")
 FRACTIONS = (0.01, 0.1, 0.25, 1.0)
@@ -122,7 +124,8 @@ def drive(todo: list[Cell], jobs: int, out: Path) -> None:
         while pending and len(running) < jobs:
             c = pending.pop(0)
             c.file(out).parent.mkdir(parents=True, exist_ok=True)
-            log = c.file(out).with_suffix(".log").open("w")
+            (LOGS / c.data).mkdir(parents=True, exist_ok=True)
+            log = c.file(LOGS).with_suffix(".log").open("w")
             running[c] = subprocess.Popen([sys.executable, __file__, "--cell", c.name, "--out-dir", str(out)],
                                           stdout=log, stderr=subprocess.STDOUT, env=env)
             print(f"{time.strftime('%H:%M:%S')} {c.name}: started", flush=True)

@@ -134,8 +134,8 @@ def random_geometry(x: torch.Tensor, size: int, g: torch.Generator, scale: tuple
     The output is first rotated and flipped, then read from the crop: theta = crop o (R F).
     Large 2-D views on a CPU without free rotation take :func:`resized_crops` (the crop box
     rounded to whole pixels, each image resized on its own, then flipped or turned), the same
-    random draws: 2.2x faster than the batched ``grid_sample`` at 224 px on one core, and it
-    reads the stored uint8 pixels directly. Elsewhere one batched ``grid_sample``.
+    random draws: 1.4x faster than the batched ``grid_sample`` at 224 px on one core, reading
+    the stored uint8 pixels directly. Elsewhere one batched ``grid_sample``.
     """
     b, d = x.shape[0], x.dim() - 2
     theta = crop_matrix(g, b, d, scale, ratio)  # (B, d, d+1)
@@ -151,10 +151,11 @@ def random_geometry(x: torch.Tensor, size: int, g: torch.Generator, scale: tuple
 
 
 # Views of at least this side (px) are cropped image by image on a CPU and blurred with each
-# sample's own kernel width. Below it the loop's ~40 us per image outweighs the gain (28 px:
-# batched grid_sample 20 us/img against 66; 64 px: 160 against 128; 128 px: 776 against 447;
-# 224 px: 1135 against 524; one core), and 28- and 64-px views stay bit-identical to the ones
-# every published 28-px result was measured with.
+# sample's own kernel width. Below it the loop's ~40 us per image outweighs the gain (one core,
+# per image, batched grid_sample against the per-image resize: 28 px 20 us against 66, 64 px
+# 160 against 128, measured beside other jobs; 224 px on a quiet core, with the uint8 -> float
+# conversion: 600 against 430), and 28-px views stay bit-identical to the ones every published
+# 28-px result was measured with (tests/test_resolution.py).
 LARGE_SIDE = 96
 
 

@@ -160,7 +160,7 @@ class ViewRecipe:
         """(B, C, *S) uint8/float images -> len(views) normalised float views.
 
         On a CPU, a batch of large images is augmented a few images at a time (about 2^21
-        values per chunk: 13 images at 224 px RGB, a whole batch at 28 or 64 px), each chunk
+        values per chunk: 13 images at 224 px RGB, 170 at 64 px, any batch up to 891 at 28 px), each chunk
         written into the view's output: every op makes a new tensor, and a new 150-MB tensor
         (256 images at 224 px) is fresh memory that the kernel maps page by page, 5x the cost of
         the arithmetic on it; chunks reuse the allocator's memory and stay in cache (2x faster
@@ -169,8 +169,7 @@ class ViewRecipe:
         op cannot spread over the cores, and two chunks at once use both cores where one chunk
         on two threads left one waiting. Each chunk draws from its own generator, seeded from
         ``g`` in chunk order, so the views are a function of the seed and the batch whatever the
-        number of threads. A batch that fits in one chunk (28 and 64 px) draws from ``g``
-        itself, as before."""
+        number of threads. A batch that fits in one chunk draws from ``g`` itself, as before."""
         mean = torch.tensor(self.mean, device=images.device)
         std = torch.tensor(self.std, device=images.device)
         chunk = len(images)
