@@ -9,8 +9,10 @@ Sections (B = --cpu-min CPU-minutes of pretraining; T = PneumoniaMNIST or BloodM
   union      one SimCLR encoder on the union of the four data sets for 4B, against the four
              single-data-set encoders (B each; for T the ``random-T-s0`` cell): linear ACC per set.
   dinov2     DINOv2-style against DINO, ViT-tiny, B/2 each, on T: k-NN and linear ACC, attention maps.
-  layerwise  greedy layer-wise against end-to-end autoencoder, ResNet-18/4, B/2 each, on T:
-             test reconstruction MSE and linear ACC.
+  layerwise  greedy layer-wise against end-to-end autoencoder, ResNet-18/4, on T: test
+             reconstruction MSE and linear ACC. End to end B/2; layer-wise at the same epochs
+             (it spends less CPU: its greedy phases run part of the network) and at the same
+             CPU (the epochs scaled by the CPU ratio of the same-epochs pair).
 
 What "the same CPU budget" means here: every cell runs in its own process on one thread
 (OMP_NUM_THREADS=1), so two cells share the two cores side by side; its epochs are set from a
@@ -25,8 +27,8 @@ fixed protocol for every arm (``lr_grid=None``: lr 1e-3, encoder 0.1x, early sto
     python benchmarks/foundation.py --cpu-min 10 --only 'dino*'      # a subset (fnmatch on names)
     python benchmarks/foundation.py --table-only
 
-One JSON per cell under benchmarks/out/foundation/ (a rerun skips the cells already there);
-run folders under benchmarks/out/foundation/runs/ (kept: later cells start from them).
+One JSON per cell under benchmarks/results/foundation/ (a rerun skips the cells already there);
+run folders and logs under benchmarks/out/foundation/ (kept: later cells start from them).
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-OUT = Path("benchmarks/out/foundation")
+OUT = Path("benchmarks/out/foundation")  # run folders and logs (not committed)
+RESULTS = Path("benchmarks/results/foundation")  # one JSON per cell (committed)
 FOUR = ("pneumoniamnist", "bloodmnist", "breastmnist", "retinamnist")
 TARGETS = ("pneumoniamnist", "bloodmnist")
 SEEDS = (0, 1, 2)
@@ -84,6 +87,10 @@ class Cell:
     # Calibrate on another cell's config: the layer-wise autoencoder's first steps train one
     # stage (cheap), so it takes the end-to-end run's epochs and uses at most its CPU.
     calibrate_as: str | None = None
+    # Match another pair's CPU: (same-epochs cell, reference cell). This cell takes the
+    # reference's epochs times reference CPU / same-epochs CPU, so it spends the reference's CPU
+    # (the greedy layer-wise autoencoder at the end-to-end one's CPU rather than its epochs).
+    match_cpu: tuple[str, str] | None = None
 
 
 def cells() -> list[Cell]:
@@ -112,6 +119,8 @@ def cells() -> list[Cell]:
         out.append(Cell(f"ae-{t}", "layerwise", (t,), "autoencoder", budget=0.5, evaluate=(t,)))
         out.append(Cell(f"ae-layerwise-{t}", "layerwise", (t,), "autoencoder", budget=0.5, evaluate=(t,),
                         sets=["method_options.layerwise=true"], calibrate_as=f"ae-{t}"))
+        out.append(Cell(f"ae-layerwise-cpu-{t}", "layerwise", (t,), "autoencoder", budget=0.5, evaluate=(t,),
+                        sets=["method_options.layerwise=true"], match_cpu=(f"ae-layerwise-{t}", f"ae-{t}")))
     for seed in SEEDS[1:]:
         continued(seed)
     for d in FOUR[2:]:  # one encoder for four data sets
@@ -221,8 +230,13 @@ def run_cell(c: Cell, cpu_min: float, out: Path) -> dict:
     result = dict(cell=c.name, section=c.section, data=list(c.data), method=c.method, backbone=c.backbone,
                   seed=c.seed, init=c.init, sets=c.sets, cpu_budget_s=budget_cpu_s)
     if c.train:
-        ips = calibrate({x.name: x for x in cells()}[c.calibrate_as] if c.calibrate_as else c, out)
-        epochs = round(budget_cpu_s * MARGIN * ips / train_images(c), 2)
+        if c.match_cpu:
+            same, ref = (_read(n) for n in c.match_cpu)
+            ips = None
+            epochs = round(ref["epochs"] * ref["train_cpu_s"] / same["train_cpu_s"], 2)
+        else:
+            ips = calibrate({x.name: x for x in cells()}[c.calibrate_as] if c.calibrate_as else c, out)
+            epochs = round(budget_cpu_s * MARGIN * ips / train_images(c), 2)
         run = out / "runs" / c.name
         shutil.rmtree(run, ignore_errors=True)
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -251,7 +265,7 @@ def run_cell(c: Cell, cpu_min: float, out: Path) -> dict:
 def drive(todo: list[Cell], cpu_min: float, jobs: int, out: Path) -> None:
     """Run the cells not yet done, ``jobs`` at a time, each after the cell it starts from."""
     running: dict[str, subprocess.Popen] = {}
-    pending = [c for c in todo if not (out / f"{c.name}.json").exists()]
+    pending = [c for c in todo if not (RESULTS / f"{c.name}.json").exists()]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     while pending or running:
         for name, proc in list(running.items()):
@@ -263,7 +277,7 @@ def drive(todo: list[Cell], cpu_min: float, jobs: int, out: Path) -> None:
                 break
             if c.init and c.init in running:
                 continue
-            if c.init and not (out / f"{c.init}.json").exists():
+            if c.init and not (RESULTS / f"{c.init}.json").exists():
                 if not any(p.name == c.init for p in pending):
                     pending.remove(c)  # its source failed or was not selected
                     print(f"skip {c.name}: needs {c.init}", flush=True)
@@ -276,8 +290,8 @@ def drive(todo: list[Cell], cpu_min: float, jobs: int, out: Path) -> None:
         time.sleep(2)
 
 
-def _read(out: Path, name: str) -> dict | None:
-    f = out / f"{name}.json"
+def _read(name: str) -> dict | None:
+    f = RESULTS / f"{name}.json"
     return json.loads(f.read_text()) if f.exists() else None
 
 
@@ -289,7 +303,7 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({len(values)})"
 
 
-def table(out: Path) -> str:
+def table() -> str:
     lines = []
     lines.append("\n**Continued pretraining** (SimCLR, ResNet-18/4, 28 px; test ACC, mean ± sd over seeds)\n")
     lines.append("| data | start | further SSL | linear ACC | 10 %-label fine-tune ACC |")
@@ -297,7 +311,7 @@ def table(out: Path) -> str:
     for t in TARGETS:
         for arm, label, ssl in (("init", "other three data sets", "yes"), ("random", "random", "yes"),
                                 ("frozen", "other three data sets", "no")):
-            rs = [_read(out, f"{arm}-{t}-s{s}") if not (arm == "frozen" and s == 0) else _read(out, f"source-{t}")
+            rs = [_read(f"{arm}-{t}-s{s}") if not (arm == "frozen" and s == 0) else _read(f"source-{t}")
                   for s in SEEDS]
             rs = [r["evaluation"][t] for r in rs if r]
             lines.append(f"| {t} | {label} | {ssl} | {_mean_sd([r['linear_acc'] for r in rs])} | "
@@ -305,9 +319,9 @@ def table(out: Path) -> str:
     lines.append("\n**One encoder for four data sets** (SimCLR, ResNet-18/4; linear-probe test ACC)\n")
     lines.append("| data | its own encoder (B) | union of four (4B) |")
     lines.append("| --- | --- | --- |")
-    union = _read(out, "union")
+    union = _read("union")
     for d in FOUR:
-        own = _read(out, f"random-{d}-s0" if d in TARGETS else f"single-{d}")
+        own = _read(f"random-{d}-s0" if d in TARGETS else f"single-{d}")
         a = f"{own['evaluation'][d]['linear_acc']:.3f}" if own else "-"
         b = f"{union['evaluation'][d]['linear_acc']:.3f}" if union else "-"
         lines.append(f"| {d} | {a} | {b} |")
@@ -316,7 +330,7 @@ def table(out: Path) -> str:
     lines.append("| --- | --- | --- | --- | --- | --- | --- |")
     for t in TARGETS:
         for m in ("dino", "dinov2"):
-            r = _read(out, f"{m}-{t}")
+            r = _read(f"{m}-{t}")
             if r:
                 e = r["evaluation"][t]
                 lines.append(f"| {t} | {m} | {r['train_cpu_s'] / 60:.1f} | {r['epochs']:g} | {e['knn_acc']:.3f} | "
@@ -325,13 +339,14 @@ def table(out: Path) -> str:
     lines.append("| data | training | CPU-min | epochs | reconstruction MSE | k-NN ACC | linear ACC |")
     lines.append("| --- | --- | --- | --- | --- | --- | --- |")
     for t in TARGETS:
-        for name, label in ((f"ae-{t}", "end to end"), (f"ae-layerwise-{t}", "layer-wise, then end to end")):
-            r = _read(out, name)
+        for name, label in ((f"ae-{t}", "end to end"), (f"ae-layerwise-{t}", "layer-wise, then end to end (same epochs)"),
+                            (f"ae-layerwise-cpu-{t}", "layer-wise, then end to end (same CPU)")):
+            r = _read(name)
             if r:
                 e = r["evaluation"][t]
                 lines.append(f"| {t} | {label} | {r['train_cpu_s'] / 60:.1f} | {r['epochs']:g} | "
                              f"{r['reconstruction_mse']:.4f} | {e['knn_acc']:.3f} | {e['linear_acc']:.3f} |")
-    done = [json.loads(f.read_text()) for f in sorted(out.glob("*.json"))]
+    done = [json.loads(f.read_text()) for f in sorted(RESULTS.glob("*.json"))]
     for section in sorted({r["section"] for r in done}):
         rs = [r for r in done if r["section"] == section and "train_cpu_s" in r]
         if rs:
@@ -356,14 +371,15 @@ def main() -> None:
     by_name = {c.name: c for c in cells()}
     if args.cell:
         result = run_cell(by_name[args.cell], args.cpu_min, out)
-        tmp = out / f".{args.cell}.json.tmp"
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        tmp = RESULTS / f".{args.cell}.json.tmp"
         tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(out / f"{args.cell}.json")
+        tmp.replace(RESULTS / f"{args.cell}.json")
         print(json.dumps({k: v for k, v in result.items() if k != "machine"}))
         return
     if not args.table_only:
         drive([c for c in cells() if fnmatch.fnmatch(c.name, args.only)], args.cpu_min, args.jobs, out)
-    print(table(out))
+    print(table())
 
 
 if __name__ == "__main__":
