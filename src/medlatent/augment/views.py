@@ -60,6 +60,11 @@ PAPER_BLUR_SIGMA = (0.1, 2.0)
 _CPU_VIEW_VALUES = 2 ** 21  # values per chunk of a view on a CPU (8 MB of float32), see ViewRecipe
 
 
+def _one_thread() -> None:
+    torch.get_num_threads()  # the thread's first torch call takes the default count ...
+    torch.set_num_threads(1)  # ... so this setting is not undone by it later
+
+
 @functools.cache
 def _chunk_pool(workers: int) -> ThreadPoolExecutor:
     """Threads for the chunks of CPU views, each running torch ops on one intra-op thread.
@@ -77,11 +82,6 @@ def _chunk_pool(workers: int) -> ThreadPoolExecutor:
 
 if hasattr(os, "register_at_fork"):  # a forked child (DataLoader workers) has none of the parent's threads
     os.register_at_fork(after_in_child=_chunk_pool.cache_clear)
-
-
-def _one_thread() -> None:
-    torch.get_num_threads()  # the thread's first torch call takes the default count ...
-    torch.set_num_threads(1)  # ... so this setting is not undone by it later
 
 
 def blur_sigma(size: int) -> tuple[float, float]:
