@@ -246,7 +246,7 @@ def figure(rows: list[dict], data: str, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--only", default="*", help="fnmatch pattern on <data>/<protocol>-<fraction>-s<seed>")
+    ap.add_argument("--only", nargs="+", default=["*"], help="fnmatch patterns on <data>/<protocol>-<fraction>-s<seed>")
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", default=str(OUT))
     ap.add_argument("--table-only", action="store_true")
@@ -255,13 +255,14 @@ def main() -> None:
     if args.cell:
         c = {x.name: x for x in cells()}[args.cell]
         result = run_cell(c)
+        c.file(out).parent.mkdir(parents=True, exist_ok=True)
         tmp = c.file(out).with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=1))
         tmp.replace(c.file(out))  # published whole: a killed cell leaves no result to skip
         print(json.dumps({k: v for k, v in result.items() if k not in ("rows", "machine")}))
         return
     if not args.table_only:
-        drive([c for c in cells() if fnmatch.fnmatch(c.name, args.only)], args.jobs, out)
+        drive([c for c in cells() if any(fnmatch.fnmatch(c.name, p) for p in args.only)], args.jobs, out)
     rows = load(out)
     for d in DATASETS:
         if any(r["data"] == d for r in rows):

@@ -26,6 +26,7 @@ fixed protocol for every arm (``lr_grid=None``: lr 1e-3, encoder 0.1x, early sto
     python benchmarks/foundation.py --cpu-min 10 --jobs 2           # every cell not yet done
     python benchmarks/foundation.py --cpu-min 10 --only 'dino*'      # a subset (fnmatch on names)
     python benchmarks/foundation.py --table-only
+    python benchmarks/foundation.py --rebuild 'single-*' # the run folders again, from the JSONs' epochs
 
 One JSON per cell under benchmarks/results/foundation/ (a rerun skips the cells already there);
 run folders and logs under benchmarks/out/foundation/ (kept: later cells start from them).
@@ -259,6 +260,28 @@ def run_cell(c: Cell, cpu_min: float, out: Path) -> dict:
     return result
 
 
+def rebuild(c: Cell, out: Path) -> Path:
+    """Train ``c``'s run folder again with the epochs its JSON recorded (no calibration, no evaluation).
+
+    On one CPU thread training is deterministic given the config, so the folder holds the encoder the
+    JSON's figures came from; the step count is checked against the recorded one.
+    """
+    import torch
+
+    from medlatent.api import make_config, run_pretraining
+
+    torch.set_num_threads(1)
+    recorded = _read(c.name)
+    if recorded is None or "epochs" not in recorded:
+        raise SystemExit(f"{RESULTS / (c.name + '.json')}: no recorded training to rebuild from")
+    run = out / "runs" / c.name
+    shutil.rmtree(run, ignore_errors=True)
+    _, fit = run_pretraining(make_config(config_tree(c, recorded["epochs"], 3 * recorded["cpu_budget_s"], out)), run)
+    if fit.step != recorded["steps"]:
+        raise SystemExit(f"{run}: rebuilt to step {fit.step}, the recorded run stopped at {recorded['steps']}")
+    return run
+
+
 # ------------------------------------------------------------------------------ driver and table
 
 
@@ -365,10 +388,17 @@ def main() -> None:
     ap.add_argument("--cell", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out-dir", default=str(OUT))
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--rebuild", default=None, help="fnmatch pattern: train these cells' run folders again")
     args = ap.parse_args()
     out = Path(args.out_dir)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     by_name = {c.name: c for c in cells()}
+    if args.rebuild:
+        for c in cells():
+            if c.train and fnmatch.fnmatch(c.name, args.rebuild):
+                run = rebuild(c, out)
+                print(f"{time.strftime('%H:%M:%S')} rebuilt {run}", flush=True)
+        return
     if args.cell:
         result = run_cell(by_name[args.cell], args.cpu_min, out)
         RESULTS.mkdir(parents=True, exist_ok=True)
