@@ -7,7 +7,11 @@ for 10 CPU-minutes on one thread with the current views (``benchmarks/foundation
 supervised from scratch, k-NN and linear probe (frozen), fine-tuning, LP-FT, FixMatch from scratch
 and from the encoder; each trained protocol chooses its learning rate and encoder scale on val
 from the same grid (``FinetuneConfig``: 6 candidates at a quarter budget, the best retrained),
-so the baseline is tuned exactly as the self-supervised protocols are.
+so the baseline is tuned exactly as the self-supervised protocols are. Synthetic-image cells
+(1 % and 10 %): a classifier with and without the samples of a class-conditional DDPM that saw
+only the cell's labels (``synthetic_rows``). The encoders' run folders are not committed:
+``python benchmarks/foundation.py --rebuild 'random-*-s0'`` and ``--rebuild 'single-*'`` train
+them again, bit for bit on one thread, from the epochs their JSONs recorded.
 
 A cell is (data set, protocol, fraction, seed): one process on one thread, one JSON under
 ``benchmarks/results/efficiency_study/<data>/`` (its log under ``benchmarks/out/``) with the
