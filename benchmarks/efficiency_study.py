@@ -52,6 +52,8 @@ TRAINED = ("supervised", "finetune", "lpft", "semi-scratch", "semi")
 # cheap protocols first, so a partial study already has every data set's frozen and supervised rows
 ORDER = ("frozen", "supervised", "finetune", "lpft", "semi-scratch", "semi", "synthetic")
 SYNTHETIC_FRACTIONS = (0.01, 0.1)
+# the rows of the tables and the lines of the figures (the frozen cell gives knn and linear)
+SHOWN = ("supervised", "knn", "linear", "finetune", "lpft", "semi-scratch", "semi", "synthetic-real", "synthetic")
 # The synthetic cells' generator (``generate augment --protocol fraction``): a class-conditional
 # v-prediction DDPM trained on every train image with only the fraction's labels (the rest are
 # classifier-free guidance's null class), 400 optimiser steps capped at 600 s (about 10 CPU-min
@@ -128,17 +130,18 @@ def run_cell(c: Cell) -> dict:
 
     torch.set_num_threads(1)
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    ev = RunEvaluation(encoder_run(c.data), None, None, "cpu")
     splits = ("val", "test")
-    extra = {}
-    if c.protocol == "synthetic":
+    extra: dict = {}
+    if c.protocol == "synthetic":  # no encoder: a classifier from scratch with and without the samples
         rows, extra["gains"] = synthetic_rows(c)
-    elif c.protocol == "frozen":
-        rows = ev.frozen_rows(c.fraction, c.seed, splits)
     else:
-        rows = ev.trained_rows(c.fraction, c.seed, splits, FinetuneConfig(), c.protocol, None, SemiConfig())
-    return dict(cell=c.name, data=c.data, protocol=c.protocol, fraction=c.fraction, seed=c.seed,
-                encoder=str(encoder_run(c.data)), encoder_step=ev.step, rows=rows, **extra,
+        ev = RunEvaluation(encoder_run(c.data), None, None, "cpu")
+        extra.update(encoder=str(encoder_run(c.data)), encoder_step=ev.step)
+        if c.protocol == "frozen":
+            rows = ev.frozen_rows(c.fraction, c.seed, splits)
+        else:
+            rows = ev.trained_rows(c.fraction, c.seed, splits, FinetuneConfig(), c.protocol, None, SemiConfig())
+    return dict(cell=c.name, data=c.data, protocol=c.protocol, fraction=c.fraction, seed=c.seed, rows=rows, **extra,
                 cpu_s=time.process_time() - cpu0, wall_s=time.perf_counter() - wall0,
                 command=f"python benchmarks/efficiency_study.py --only '{c.name}'",
                 machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
@@ -210,7 +213,7 @@ def table(rows: list[dict], data: str) -> str:
     lines = [f"\n**{data}** (test ACC / AUC, mean ± sd over seeds; CPU-min: mean per cell)\n",
              "| protocol | " + " | ".join(f"{f:.0%}" for f in FRACTIONS) + " | CPU-min |",
              "| --- |" + " --- |" * (len(FRACTIONS) + 1)]
-    for p in ("supervised", "knn", "linear", "finetune", "lpft", "semi-scratch", "semi", "synthetic-real", "synthetic"):
+    for p in SHOWN:
         got = [r for r in mine if r["protocol"] == p]
         if not got:
             continue
@@ -279,7 +282,7 @@ def figure(rows: list[dict], data: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3.6))
-    for p in ("supervised", "knn", "linear", "finetune", "lpft", "semi-scratch", "semi", "synthetic-real", "synthetic"):
+    for p in SHOWN:
         pts = [(f, stats([r for r in rows if r["data"] == data and r["protocol"] == p and r["fraction"] == f], "acc"))
                for f in FRACTIONS]
         pts = [(f, s) for f, s in pts if s]
