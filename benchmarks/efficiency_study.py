@@ -120,6 +120,19 @@ def synthetic_rows(c: Cell) -> tuple[list[dict], dict]:
     return rows, result["gains"]
 
 
+def fingerprint(encoder: "torch.nn.Module") -> str:
+    """sha256 over the encoder's state dict (names and float32 bytes, in order): two cells with the
+    same fingerprint used the same weights. A rebuild on another host (other kernels, other rounding)
+    gives another fingerprint, so such cells can be told apart in the tables."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in encoder.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", copy=True).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def run_cell(c: Cell) -> dict:
     """Evaluate one cell in this process (one thread); returns its JSON record."""
     import torch
@@ -136,7 +149,7 @@ def run_cell(c: Cell) -> dict:
         rows, extra["gains"] = synthetic_rows(c)
     else:
         ev = RunEvaluation(encoder_run(c.data), None, None, "cpu")
-        extra.update(encoder=str(encoder_run(c.data)), encoder_step=ev.step)
+        extra.update(encoder=str(encoder_run(c.data)), encoder_step=ev.step, encoder_sha256=fingerprint(ev.encoder))
         if c.protocol == "frozen":
             rows = ev.frozen_rows(c.fraction, c.seed, splits)
         else:
@@ -145,6 +158,7 @@ def run_cell(c: Cell) -> dict:
                 cpu_s=time.process_time() - cpu0, wall_s=time.perf_counter() - wall0,
                 command=f"python benchmarks/efficiency_study.py --only '{c.name}'",
                 machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
+                             kernels=torch.backends.cpu.get_cpu_capability(),
                              torch=torch.__version__, python=platform.python_version()))
 
 
