@@ -326,6 +326,8 @@ def main() -> None:
     if args.cell:
         c = {x.name: x for x in cells()}[args.cell]
         result = run_cell(c)
+        if out.resolve() != OUT.resolve():
+            result["command"] = f"python benchmarks/efficiency_study.py --out-dir {args.out_dir} --only '{c.name}'"
         c.file(out).parent.mkdir(parents=True, exist_ok=True)
         tmp = c.file(out).with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=1))
