@@ -121,7 +121,7 @@ def synthetic_rows(c: Cell) -> tuple[list[dict], dict]:
 
 
 def fingerprint(encoder: "torch.nn.Module") -> str:
-    """sha256 over the encoder's state dict (names and float32 bytes, in order): two cells with the
+    """sha256 over the encoder's state dict (names and raw tensor bytes, in order): two cells with the
     same fingerprint used the same weights. A rebuild on another host (other kernels, other rounding)
     gives another fingerprint, so such cells can be told apart in the tables."""
     import hashlib
@@ -129,12 +129,12 @@ def fingerprint(encoder: "torch.nn.Module") -> str:
     h = hashlib.sha256()
     for name, t in encoder.state_dict().items():
         h.update(name.encode())
-        h.update(t.detach().to("cpu", copy=True).contiguous().numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def run_cell(c: Cell) -> dict:
-    """Evaluate one cell in this process (one thread); returns its JSON record."""
+def run_cell(c: Cell, out: Path) -> dict:
+    """Evaluate one cell in this process (one thread); returns its JSON record (for ``out``)."""
     import torch
 
     from medlatent.eval.finetune import FinetuneConfig
@@ -156,7 +156,8 @@ def run_cell(c: Cell) -> dict:
             rows = ev.trained_rows(c.fraction, c.seed, splits, FinetuneConfig(), c.protocol, None, SemiConfig())
     return dict(cell=c.name, data=c.data, protocol=c.protocol, fraction=c.fraction, seed=c.seed, rows=rows, **extra,
                 cpu_s=time.process_time() - cpu0, wall_s=time.perf_counter() - wall0,
-                command=f"python benchmarks/efficiency_study.py --only '{c.name}'",
+                command="python benchmarks/efficiency_study.py"
+                        + ("" if out.resolve() == OUT.resolve() else f" --out-dir {out}") + f" --only '{c.name}'",
                 machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
                              kernels=torch.backends.cpu.get_cpu_capability(),
                              torch=torch.__version__, python=platform.python_version()))
@@ -325,9 +326,7 @@ def main() -> None:
     out = Path(args.out_dir)
     if args.cell:
         c = {x.name: x for x in cells()}[args.cell]
-        result = run_cell(c)
-        if out.resolve() != OUT.resolve():
-            result["command"] = f"python benchmarks/efficiency_study.py --out-dir {args.out_dir} --only '{c.name}'"
+        result = run_cell(c, out)
         c.file(out).parent.mkdir(parents=True, exist_ok=True)
         tmp = c.file(out).with_suffix(".json.tmp")
         tmp.write_text(json.dumps(result, indent=1))

@@ -264,8 +264,9 @@ def rebuild(c: Cell, out: Path) -> Path:
     """Train ``c``'s run folder again with the epochs its JSON recorded (no calibration, no evaluation).
 
     On one CPU thread training is deterministic given the config and the host's kernels, so on the
-    host that wrote the JSON the folder holds the encoder its figures came from (on another, one that
-    differs in rounding only); the step count is checked against the recorded one.
+    host that wrote the JSON the folder holds the encoder its figures came from (on another, one trained
+    the same way whose weights differ, rounding compounding over training); the step count is checked
+    against the recorded one.
     """
     import torch
 
