@@ -56,9 +56,11 @@ SYNTHETIC_FRACTIONS = (0.01, 0.1)
 SHOWN = ("supervised", "knn", "linear", "finetune", "lpft", "semi-scratch", "semi", "synthetic-real", "synthetic")
 # The synthetic cells' generator (``generate augment --protocol fraction``): a class-conditional
 # v-prediction DDPM trained on every train image with only the fraction's labels (the rest are
-# classifier-free guidance's null class), 400 optimiser steps capped at 600 s (about 10 CPU-min
-# on one thread at 28 px), then 500 class-balanced DDIM samples (50 steps) beside the real fraction.
-GENERATOR = dict(method="ddpm", steps=400, budget_s=600.0, n_synthetic=500)
+# classifier-free guidance's null class), 400 optimiser steps (about 10 CPU-min on one thread at
+# 28 px on an AVX-512 host), then 500 class-balanced DDIM samples (50 steps) beside the real
+# fraction. The step count sets the length on every host; the wall-clock cap (10x the fast host's
+# time) only stops a runaway, and a generator it cut short fails the cell (``synthetic_rows``).
+GENERATOR = dict(method="ddpm", steps=400, budget_s=6000.0, n_synthetic=500)
 # MedMNIST v2 (Yang et al. 2023, Table 3): ResNet-18 (28), supervised on every train label, test ACC
 PUBLISHED_RESNET18_28 = {"bloodmnist": 0.958, "pneumoniamnist": 0.854, "breastmnist": 0.863, "retinamnist": 0.524}
 
@@ -115,6 +117,10 @@ def synthetic_rows(c: Cell) -> tuple[list[dict], dict]:
                                     generator_budget_s=GENERATOR["budget_s"])
     if result["leaks_labels"]:
         raise SystemExit(f"{template}: a generator saw labels the classifier did not have")
+    short = [r["generator_step"] for r in result["rows"] if r["generator_step"] != GENERATOR["steps"]]
+    if short:
+        raise SystemExit(f"{template}: the generator stopped at step {short[0]}, not {GENERATOR['steps']} "
+                         f"(its {GENERATOR['budget_s']:g} s cap): no result written")
     rows = [dict(r, split="test", protocol="synthetic" if r["training"] == "real + synthetic" else "synthetic-real")
             for r in result["rows"]]
     return rows, result["gains"]
