@@ -11,7 +11,9 @@ so the baseline is tuned exactly as the self-supervised protocols are. Synthetic
 (1 % and 10 %): a classifier with and without the samples of a class-conditional DDPM that saw
 only the cell's labels (``synthetic_rows``). The encoders' run folders are not committed:
 ``python benchmarks/foundation.py --rebuild 'random-*-s0'`` and ``--rebuild 'single-*'`` train
-them again, bit for bit on one thread, from the epochs their JSONs recorded.
+them again from the epochs their JSONs recorded, bit for bit on one thread of the kind of host that
+trained them (checked against ``ENCODER_SHA256``: a cell that uses the weights of another rebuild is
+not written into the study).
 
 A cell is (data set, protocol, fraction, seed): one process on one thread, one JSON under
 ``benchmarks/results/efficiency_study/<data>/`` (its log under ``benchmarks/out/``) with the
@@ -63,6 +65,19 @@ SHOWN = ("supervised", "knn", "linear", "finetune", "lpft", "semi-scratch", "sem
 GENERATOR = dict(method="ddpm", steps=400, budget_s=6000.0, n_synthetic=500)
 # MedMNIST v2 (Yang et al. 2023, Table 3): ResNet-18 (28), supervised on every train label, test ACC
 PUBLISHED_RESNET18_28 = {"bloodmnist": 0.958, "pneumoniamnist": 0.854, "breastmnist": 0.863, "retinamnist": 0.524}
+
+
+# The study's encoders by the sha256 of their weights (``fingerprint``). ``foundation.py --rebuild``
+# reproduces them bit for bit on the kind of host that trained them (a 2-core AMD EPYC with AVX-512
+# BF16, where these were checked); a rebuild on other kernels is the same recipe with other weights,
+# so cells that use the weights are written to the study only from these.
+ENCODER_SHA256 = {
+    "bloodmnist": "c3d240e05750775b6dd5d9ab328c6daf3f0aebf69c817c2c519fe5c091c4af1f",
+    "pneumoniamnist": "e422f59e82f6dafa1649a7de0bf5f00e55784abfb59dba2fcdda64423942c7a2",
+    "breastmnist": "1c41c31533a78fc56cd862985abf5a2549fae8f6703302fb52b941a7debb07f4",
+    "retinamnist": "97206c2fe3613f79b495b61f2e27d78aba05fe951a8709c912c0de5e40a3ec6c",
+}
+USES_WEIGHTS = ("frozen", "finetune", "lpft", "semi")  # supervised and semi-scratch start from random weights
 
 
 def encoder_run(data: str) -> Path:
@@ -129,7 +144,7 @@ def synthetic_rows(c: Cell) -> tuple[list[dict], dict]:
 def fingerprint(encoder: "torch.nn.Module") -> str:
     """sha256 over the encoder's state dict (names and raw tensor bytes, in order): two cells with the
     same fingerprint used the same weights. A rebuild on another host (other kernels, other rounding)
-    gives another fingerprint, so such cells can be told apart in the tables."""
+    gives another fingerprint (``ENCODER_SHA256`` holds the study's)."""
     import hashlib
 
     h = hashlib.sha256()
@@ -155,7 +170,12 @@ def run_cell(c: Cell, out: Path) -> dict:
         rows, extra["gains"] = synthetic_rows(c)
     else:
         ev = RunEvaluation(encoder_run(c.data), None, None, "cpu")
-        extra.update(encoder=str(encoder_run(c.data)), encoder_step=ev.step, encoder_sha256=fingerprint(ev.encoder))
+        sha = fingerprint(ev.encoder)
+        if c.protocol in USES_WEIGHTS and out.resolve() == OUT.resolve() and sha != ENCODER_SHA256[c.data]:
+            raise SystemExit(f"{encoder_run(c.data)}: encoder sha256 {sha[:12]}..., not the study's "
+                             f"{ENCODER_SHA256[c.data][:12]}... (rebuilt on other CPU kernels?); {c.name} not "
+                             f"written: run it with --out-dir elsewhere")
+        extra.update(encoder=str(encoder_run(c.data)), encoder_step=ev.step, encoder_sha256=sha)
         if c.protocol == "frozen":
             rows = ev.frozen_rows(c.fraction, c.seed, splits)
         else:
