@@ -135,7 +135,7 @@ def synthetic_rows(c: Cell) -> tuple[list[dict], dict]:
     short = [r["generator_step"] for r in result["rows"] if r["generator_step"] != GENERATOR["steps"]]
     if short:
         raise SystemExit(f"{template}: the generator stopped at step {short[0]}, not {GENERATOR['steps']} "
-                         f"(its {GENERATOR['budget_s']:g} s cap): no result written")
+                         f"(its {GENERATOR['budget_s']:g} s cap): no result written; remove the folder to train it again")
     rows = [dict(r, split="test", protocol="synthetic" if r["training"] == "real + synthetic" else "synthetic-real")
             for r in result["rows"]]
     return rows, result["gains"]
