@@ -165,13 +165,14 @@ def run_cell(c: Cell, out: Path) -> dict:
     torch.set_num_threads(1)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     splits = ("val", "test")
+    in_study = out.resolve() == OUT.resolve()
     extra: dict = {}
     if c.protocol == "synthetic":  # no encoder: a classifier from scratch with and without the samples
         rows, extra["gains"] = synthetic_rows(c)
     else:
         ev = RunEvaluation(encoder_run(c.data), None, None, "cpu")
         sha = fingerprint(ev.encoder)
-        if c.protocol in USES_WEIGHTS and out.resolve() == OUT.resolve() and sha != ENCODER_SHA256[c.data]:
+        if c.protocol in USES_WEIGHTS and in_study and sha != ENCODER_SHA256[c.data]:
             raise SystemExit(f"{encoder_run(c.data)}: encoder sha256 {sha[:12]}..., not the study's "
                              f"{ENCODER_SHA256[c.data][:12]}... (rebuilt on other CPU kernels?); {c.name} not "
                              f"written: run it with --out-dir elsewhere")
@@ -183,7 +184,7 @@ def run_cell(c: Cell, out: Path) -> dict:
     return dict(cell=c.name, data=c.data, protocol=c.protocol, fraction=c.fraction, seed=c.seed, rows=rows, **extra,
                 cpu_s=time.process_time() - cpu0, wall_s=time.perf_counter() - wall0,
                 command="python benchmarks/efficiency_study.py"
-                        + ("" if out.resolve() == OUT.resolve() else f" --out-dir {out}") + f" --only '{c.name}'",
+                        + ("" if in_study else f" --out-dir {out}") + f" --only '{c.name}'",
                 machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
                              kernels=torch.backends.cpu.get_cpu_capability(),
                              torch=torch.__version__, python=platform.python_version()))
