@@ -17,7 +17,7 @@ from medlatent.data.medmnist import load_npz
 from medlatent.errors import ConfigError
 from medlatent.eval.features import extract_features
 from medlatent.eval.finetune import (Candidate, Classifier, FinetuneConfig, best_candidate, candidates, finetune,
-                                     probe_head, search_budget, tune)
+                                     fit_on_val, patience_evals, probe_head, search_budget, tune)
 from medlatent.eval.linear import linear_probe
 from medlatent.eval.semi import SemiConfig, fixmatch, unlabelled_rows
 from medlatent.eval.session import check_settings
@@ -64,6 +64,32 @@ def test_the_grid_and_its_budget():
     short = search_budget(cfg)
     assert (short.epochs, short.min_steps) == (8, 75)  # a quarter of 30 epochs / 300 steps, rounded up
     assert search_budget(dataclasses.replace(cfg, epochs=1, min_steps=0)).epochs == 1
+
+
+def stop_step(total: int, cfg: FinetuneConfig) -> int:
+    """Steps ``fit_on_val`` takes when val ACC peaks at the first validation and never improves."""
+    model = nn.Linear(1, 1)
+    opt = torch.optim.AdamW([dict(params=model.parameters(), lr_scale=1.0)], lr=1e-3)
+    scores = iter([0.9] + [0.5] * total)
+
+    def score_val() -> dict[str, float]:
+        return dict(acc=next(scores), auc=0.5)
+
+    _, steps = fit_on_val(model, opt, lambda step: (model(torch.ones(1, 1)).sum(), {}), total, 1e-3,
+                          cfg.eval_every, patience_evals(cfg, total), score_val, "test")
+    return steps
+
+
+def test_early_stopping_waits_a_quarter_of_a_long_run():
+    cfg = FinetuneConfig()  # eval_every 50, patience 6, patience_fraction 0.25
+    # up to 1200 steps: 6 validations without a better val ACC (300 steps after the best, step 50)
+    assert [patience_evals(cfg, t) for t in (300, 690, 1080, 1200)] == [6, 6, 6, 6]
+    assert stop_step(1200, cfg) == 50 + 6 * 50
+    # a long run waits a quarter of its length: 2790 steps (BloodMNIST, every label) -> 14 validations
+    assert patience_evals(cfg, 2790) == 14
+    assert stop_step(2790, cfg) == 50 + 14 * 50
+    # patience_fraction 0: the fixed patience alone, however long the run
+    assert stop_step(2790, dataclasses.replace(cfg, patience_fraction=0.0)) == 50 + 6 * 50
 
 
 def test_best_candidate_is_the_best_val_acc_and_ties_go_to_the_lower_lr():
@@ -128,6 +154,8 @@ def test_finetune_config_ranges_and_unknown_keys():
         check_settings(("finetune",), FinetuneConfig(lr_grid=(0.1, -1.0)))
     with pytest.raises(ConfigError, match="finetune.encoder_lr_scale_grid: an empty grid"):
         check_settings(("finetune",), FinetuneConfig(encoder_lr_scale_grid=()))
+    with pytest.raises(ConfigError, match="finetune.patience_fraction: 1.5 is out of range"):
+        check_settings(("finetune",), FinetuneConfig(patience_fraction=1.5))
     with pytest.raises(ConfigError, match="finetune.search_fraction: 0.0 is out of range"):
         check_settings(("finetune",), FinetuneConfig(search_fraction=0.0))
     with pytest.raises(ConfigError, match="finetune.lr_gird is not a known key"):

@@ -30,8 +30,8 @@ from medlatent.data.store import ImageSet, mix_seed
 from medlatent.errors import ConfigError
 from medlatent.eval.features import predict_scores
 from medlatent.eval.finetune import (BatchOrder, Classifier, FinetuneConfig, OnMetrics, finetune_view, fit_on_val,
-                                     forward_logits, memory_format, param_groups, supervised_loss, train_mode,
-                                     training_steps)
+                                     forward_logits, memory_format, param_groups, patience_evals, supervised_loss,
+                                     train_mode, training_steps)
 from medlatent.eval.metrics import evaluate
 from medlatent.losses.fixmatch import FixMatchLoss
 from medlatent.train.batches import BatchReader
@@ -149,8 +149,9 @@ def fixmatch(encoder: nn.Module, train: ImageSet, labelled: torch.Tensor, val: I
         scores = predict_scores(model, val.images, mean, std, device, False, autocast_dtype, channels_last)
         return evaluate(val.labels.numpy(), scores, task)
 
+    patience = patience_evals(cfg, total)
     try:
-        metrics, steps = fit_on_val(model, opt, loss_at, total, cfg.lr, cfg.eval_every, cfg.patience, score_val,
+        metrics, steps = fit_on_val(model, opt, loss_at, total, cfg.lr, cfg.eval_every, patience, score_val,
                                     "semi-supervised", on_metrics)
     finally:
         lab_images.close()
