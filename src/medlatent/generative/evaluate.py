@@ -109,10 +109,13 @@ def domain_classifier(data: Dataset, mean: list[float], std: list[float], device
                       epochs: int = 15, min_steps: int = 300) -> tuple[Classifier, str]:
     """The supervised classifier on the real training split, trained once per data set and cached
     (``$MEDLATENT_CACHE/domain``, default ``~/.cache/medlatent/domain``), keyed by the content of
-    the train and val splits (``data_digest``), so two ``data.npz`` files never share one."""
+    the train and val splits (``data_digest``), so two ``data.npz`` files never share one, and by
+    the training recipe (epochs, minimum steps, early stopping's ``patience_fraction``)."""
     from safetensors.torch import load_file
 
-    name = f"{Path(data.name).name}-{data_digest(data)}-{DOMAIN_BACKBONE}-{data.image_size}px-e{epochs}-s{min_steps}"
+    wait = FinetuneConfig().patience_fraction
+    name = (f"{Path(data.name).name}-{data_digest(data)}-{DOMAIN_BACKBONE}-{data.image_size}px"
+            f"-e{epochs}-s{min_steps}-p{wait:g}")
     path = _cache_dir() / f"{name}.safetensors"
     if path.is_file():
         from medlatent.nets.backbones import build_encoder
