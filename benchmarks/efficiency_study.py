@@ -154,6 +154,18 @@ def fingerprint(encoder: "torch.nn.Module") -> str:
     return h.hexdigest()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; ``""`` elsewhere): the kernel level alone does not
+    tell an AMD EPYC from an Intel Xeon with AVX-512 BF16, whose rebuilt encoders differ."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
 def run_cell(c: Cell, out: Path) -> dict:
     """Evaluate one cell in this process (one thread); returns its JSON record (for ``out``)."""
     import torch
@@ -185,7 +197,7 @@ def run_cell(c: Cell, out: Path) -> dict:
                 cpu_s=time.process_time() - cpu0, wall_s=time.perf_counter() - wall0,
                 command="python benchmarks/efficiency_study.py"
                         + ("" if in_study else f" --out-dir {out}") + f" --only '{c.name}'",
-                machine=dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
+                machine=dict(cpu=platform.processor() or platform.machine(), model=cpu_model(), cores=os.cpu_count(),
                              kernels=torch.backends.cpu.get_cpu_capability(),
                              torch=torch.__version__, python=platform.python_version()))
 
