@@ -154,18 +154,6 @@ def fingerprint(encoder: "torch.nn.Module") -> str:
     return h.hexdigest()
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux ``/proc/cpuinfo``; ``""`` elsewhere): the kernel level alone does not
-    tell an AMD EPYC from an Intel Xeon with AVX-512 BF16, whose rebuilt encoders differ."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def run_cell(c: Cell, out: Path) -> dict:
     """Evaluate one cell in this process (one thread); returns its JSON record (for ``out``)."""
     import torch
@@ -173,6 +161,7 @@ def run_cell(c: Cell, out: Path) -> dict:
     from medlatent.eval.finetune import FinetuneConfig
     from medlatent.eval.semi import SemiConfig
     from medlatent.eval.session import RunEvaluation
+    from medlatent.train.precision import cpu_model
 
     torch.set_num_threads(1)
     cpu0, wall0 = time.process_time(), time.perf_counter()

@@ -237,10 +237,10 @@ def machine() -> dict:
     import monai
     import torch
 
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
+    from medlatent.train.precision import cpu_model
+
     mem = status_total_gib()
-    return dict(cpu=model, cores=os.cpu_count(), ram_gib=mem, torch=torch.__version__, monai=monai.__version__,
+    return dict(cpu=cpu_model(), cores=os.cpu_count(), ram_gib=mem, torch=torch.__version__, monai=monai.__version__,
                 numpy=np.__version__, python=platform.python_version())
 
 

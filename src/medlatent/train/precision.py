@@ -8,6 +8,7 @@ measured on this project's CI host). So "auto" asks the hardware rather than ass
 from __future__ import annotations
 
 import functools
+import platform
 from typing import Literal
 
 import torch
@@ -16,17 +17,29 @@ import torch.nn as nn
 from medlatent.errors import ConfigError
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """CPU feature flags from /proc/cpuinfo (empty where unavailable)."""
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first ``field`` line of /proc/cpuinfo; None where there is none (not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
+                if line.startswith(field):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return None
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """CPU feature flags from /proc/cpuinfo (empty where unavailable)."""
+    return frozenset((_cpuinfo("flags") or "").split())
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` where unavailable). The
+    kernel level alone does not tell an AMD EPYC from an Intel Xeon with AVX-512 BF16."""
+    return _cpuinfo("model name") or platform.processor()
 
 
 def bf16_is_fast(device: torch.device) -> bool:

@@ -157,18 +157,12 @@ def environment(extra: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from medlatent import __version__
-    from medlatent.train.precision import cpu_flags
+    from medlatent.train.precision import cpu_flags, cpu_model
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
     return dict(
         medlatent=__version__, python=platform.python_version(), torch=torch.__version__,
         monai=monai.__version__, numpy=numpy.__version__, platform=platform.platform(),
-        cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        cpu=cpu_model(), cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
         cpu_bf16=bool({"avx512_bf16", "amx_bf16"} & cpu_flags()),
         cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         **extra,
