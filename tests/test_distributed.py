@@ -96,6 +96,38 @@ def test_moco_queue_and_dino_centre_do_not_depend_on_the_number_of_processes(tmp
         assert torch.allclose(st["center"], loss.center, atol=1e-6)
 
 
+# -------------------------------------------------------------- joining and leaving the group
+
+
+def _join_leave_worker(rank: int, port: int, out_dir: str) -> None:
+    from medlatent import dist as mdist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    joined = mdist.init_from_env(torch.device("cpu"))
+    seen = mdist.world_size()
+    mdist.leave()  # the group init_from_env created ends, on every rank
+    facts = dict(joined=joined, world=seen, open_after_leave=dist.is_initialized())
+    # a group the caller created is the caller's: init_from_env joins nothing, leave() ends nothing
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/init", rank=rank, world_size=WORLD)
+    mdist.init_from_env(torch.device("cpu"))
+    mdist.leave()
+    facts["caller_group_open"] = dist.is_initialized()
+    dist.destroy_process_group()
+    (Path(out_dir) / f"facts{rank}.json").write_text(json.dumps(facts))
+
+
+def test_leave_ends_only_the_group_init_from_env_joined(tmp_path: Path):
+    import socket
+
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_join_leave_worker, args=(port, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    for r in range(WORLD):
+        facts = json.loads((tmp_path / f"facts{r}.json").read_text())
+        assert facts == dict(joined=True, world=WORLD, open_after_leave=False, caller_group_open=True)
+
+
 # -------------------------------------------------------------- torchrun end to end
 
 

@@ -340,7 +340,8 @@ def _labels_of_fraction(split: Any, data: DataConfig, n_classes: int, null_class
 
 def _train(run: RunDir, cfg: PretrainConfig, resume: bool, on_progress: Callable[[Progress], None] | None,
            should_stop: Callable[[], bool] | None, plan: _Plan | None = None) -> FitResult:
-    """Write the run's config and facts, train, and export the encoder when finished."""
+    """Write the run's config and facts, train, export the encoder when finished, and leave the
+    process group the run joined (under torchrun)."""
     plan = plan or _plan(cfg, resume)  # a resumed run's weights come from its checkpoint
     data, method, device = plan.data, plan.method, plan.device
     autocast = resolve_precision(cfg.train.precision, device)
@@ -380,6 +381,7 @@ def _train(run: RunDir, cfg: PretrainConfig, resume: bool, on_progress: Callable
         tracked.close("FAILED")
         raise
     tracked.close("FINISHED" if result.status == "finished" else "KILLED")
+    dist.leave()  # every rank, after rank 0 has exported: the group this run joined ends here
     return result
 
 

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+_joined = False  # whether init_from_env created the process group (and leave() may end it)
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -108,7 +110,27 @@ def init_from_env(device: torch.device) -> bool:
         torch.cuda.set_device(device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0")))
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend=backend)
+    global _joined
+    _joined = True
     return True
+
+
+def leave() -> None:
+    """End the process group :func:`init_from_env` created; a no-op otherwise (one process, or a
+    group the caller created and still owns). Every rank must call it: a collective.
+
+    The ranks first meet at a barrier, so none tears its connections down while another still
+    uses them; then the group is destroyed while the interpreter is fully alive. A process that
+    exits with a gloo group still open can abort at exit ("terminate called without an active
+    exception", pytorch/pytorch#190489) and fail a run that had finished.
+    """
+    global _joined
+    if not _joined:
+        return
+    _joined = False
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def process_alive(pid: int) -> bool:
