@@ -116,16 +116,56 @@ def _join_leave_worker(rank: int, port: int, out_dir: str) -> None:
     (Path(out_dir) / f"facts{rank}.json").write_text(json.dumps(facts))
 
 
-def test_leave_ends_only_the_group_init_from_env_joined(tmp_path: Path):
+def _free_port() -> int:
     import socket
 
-    with socket.socket() as s:  # a free port for the rendezvous
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_join_leave_worker, args=(port, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+        return s.getsockname()[1]
+
+
+def test_leave_ends_only_the_group_init_from_env_joined(tmp_path: Path):
+    mp.start_processes(_join_leave_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
     for r in range(WORLD):
         facts = json.loads((tmp_path / f"facts{r}.json").read_text())
         assert facts == dict(joined=True, world=WORLD, open_after_leave=False, caller_group_open=True)
+
+
+def _stop_worker(rank: int, port: int, data: str, out_dir: str) -> None:
+    from medlatent import api
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    polls = iter(range(100))
+    cfg = dict(method="simclr", data=dict(name=data), train=dict(epochs=4, batch_size=16, precision="fp32"))
+    # only rank 1 is asked to stop (at its third poll), as when a signal reaches one process first
+    _, result = api.run_pretraining(cfg, Path(out_dir) / "run",
+                                    should_stop=lambda: rank == 1 and next(polls) >= 2)
+    (Path(out_dir) / f"result{rank}.json").write_text(json.dumps(dict(status=result.status, step=result.step)))
+
+
+def test_a_stop_asked_of_one_process_stops_every_process_after_the_same_step(tmp_path: Path):
+    from medlatent.train import checkpoint
+
+    from conftest import write_stripes_npz
+
+    data = write_stripes_npz(tmp_path / "s.npz", n_train=64)  # 4 steps per epoch, 16 in all
+    ctx = mp.start_processes(_stop_worker, args=(_free_port(), str(data), str(tmp_path)), nprocs=WORLD,
+                             start_method="spawn", join=False)
+    try:
+        for _ in range(24):  # ranks that stopped at different steps would wait on each other for ever
+            if ctx.join(timeout=5):
+                break
+        else:
+            raise AssertionError("the processes did not end within 120 s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
+    assert results == [dict(status="stopped", step=3)] * WORLD
+    ck = checkpoint.latest(tmp_path / "run" / "checkpoints")
+    assert ck is not None and ck.step == 3  # rank 0 saved the step both stopped after
 
 
 # -------------------------------------------------------------- torchrun end to end

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 _joined = False  # whether init_from_env created the process group (and leave() may end it)
+_control: object | None = None  # a gloo group for host-side flags when the default group is NCCL
 
 
 def is_distributed() -> bool:
@@ -98,6 +99,24 @@ def all_equal(value: int) -> bool:
     return int(both[0]) == -int(both[1])
 
 
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """Each flag, True on every rank when it is True on any; the flags as given in one process.
+
+    A collective (every rank calls it at the same point, e.g. once per training step), so that
+    a stop asked of one process (a signal, a time budget read off its own clock) stops every
+    process after the same step. On CPU tensors: under NCCL it runs on a gloo side group, so
+    the GPU is never made to wait for the host.
+    """
+    if not is_distributed():
+        return flags
+    global _control
+    if dist.get_backend() == "nccl" and _control is None:
+        _control = dist.new_group(backend="gloo")  # a collective too: every rank is here
+    votes = torch.tensor([int(f) for f in flags], dtype=torch.int64)  # (F,) on the CPU
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=_control if dist.get_backend() == "nccl" else None)
+    return tuple(bool(v) for v in votes.tolist())
+
+
 def init_from_env(device: torch.device) -> bool:
     """Join the process group described by torchrun's environment; True when distributed.
 
@@ -124,10 +143,10 @@ def leave() -> None:
     exits with a gloo group still open can abort at exit ("terminate called without an active
     exception", pytorch/pytorch#190489) and fail a run that had finished.
     """
-    global _joined
+    global _joined, _control
     if not _joined:
         return
-    _joined = False
+    _joined, _control = False, None  # destroy_process_group ends every group, the side group too
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

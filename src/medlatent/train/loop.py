@@ -200,6 +200,7 @@ def fit(method: nn.Module, images: torch.Tensor, recipe: ViewRecipe, cfg: Pretra
             due = due or (t.checkpoint_seconds and time.perf_counter() - last_ckpt > t.checkpoint_seconds)
             over_budget = bool(t.time_budget_s) and time.perf_counter() - wall0 > t.time_budget_s
             stop = should_stop is not None and should_stop()
+            over_budget, stop = dist.any_rank(over_budget, stop)  # every process stops after the same step
             save_now = bool(due or done == total or over_budget or stop)
             if save_now or done % t.log_every == 0:
                 record = window.flush(run, done, steps_per_epoch, lr, t.batch_size, wall0)  # raises on NaN
