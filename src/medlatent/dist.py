@@ -110,10 +110,13 @@ def any_rank(*flags: bool) -> tuple[bool, ...]:
     if not is_distributed():
         return flags
     global _control
-    if dist.get_backend() == "nccl" and _control is None:
-        _control = dist.new_group(backend="gloo")  # a collective too: every rank is here
+    group = None  # the default group (gloo on CPUs)
+    if dist.get_backend() == "nccl":
+        if _control is None:
+            _control = dist.new_group(backend="gloo")  # a collective too: every rank is here
+        group = _control
     votes = torch.tensor([int(f) for f in flags], dtype=torch.int64)  # (F,) on the CPU
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=_control if dist.get_backend() == "nccl" else None)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
     return tuple(bool(v) for v in votes.tolist())
 
 
