@@ -131,6 +131,23 @@ def test_leave_ends_only_the_group_init_from_env_joined(tmp_path: Path):
         assert facts == dict(joined=True, world=WORLD, open_after_leave=False, caller_group_open=True)
 
 
+def _vote_worker(rank: int, port: int, out_dir: str) -> None:
+    from medlatent import dist as mdist
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    mdist.init_from_env(torch.device("cpu"))
+    facts = dict(same=mdist.all_equal(7), differ=mdist.all_equal(rank), votes=list(mdist.any_rank(rank == 1, False)))
+    mdist.leave()
+    (Path(out_dir) / f"votes{rank}.json").write_text(json.dumps(facts))
+
+
+def test_every_rank_gets_the_same_answer_to_all_equal_and_any_rank(tmp_path: Path):
+    mp.start_processes(_vote_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    for r in range(WORLD):
+        facts = json.loads((tmp_path / f"votes{r}.json").read_text())
+        assert facts == dict(same=True, differ=False, votes=[True, False])
+
+
 def _stop_worker(rank: int, port: int, data: str, out_dir: str) -> None:
     from medlatent import api
 

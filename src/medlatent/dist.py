@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 _joined = False  # whether init_from_env created the process group (and leave() may end it)
-_control: object | None = None  # a gloo group for host-side flags when the default group is NCCL
+_control: dist.ProcessGroup | None = None  # a gloo group for host-side integers when the default is NCCL
 
 
 def is_distributed() -> bool:
@@ -88,15 +88,27 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _max_over_ranks(values: list[int]) -> list[int]:
+    """The element-wise max over ranks of a few host integers (a collective). On CPU tensors:
+    under NCCL through a gloo side group, so the GPU is never made to wait for the host."""
+    global _control
+    group = None  # the default group (gloo on CPUs)
+    if dist.get_backend() == "nccl":
+        if _control is None:
+            _control = dist.new_group(backend="gloo")  # a collective too: every rank is here
+        group = _control
+    votes = torch.tensor(values, dtype=torch.int64)  # (F,) on the CPU
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
+    return votes.tolist()
+
+
 def all_equal(value: int) -> bool:
     """True when every rank passes the same ``value`` (every rank gets the same answer); True in
     one process. A collective: every rank must call it."""
     if not is_distributed():
         return True
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    both = torch.tensor([value, -value], dtype=torch.int64, device=device)
-    dist.all_reduce(both, op=dist.ReduceOp.MAX)  # (max, -min)
-    return int(both[0]) == -int(both[1])
+    high, neg_low = _max_over_ranks([value, -value])  # (max, -min)
+    return high == -neg_low
 
 
 def any_rank(*flags: bool) -> tuple[bool, ...]:
@@ -104,20 +116,11 @@ def any_rank(*flags: bool) -> tuple[bool, ...]:
 
     A collective (every rank calls it at the same point, e.g. once per training step), so that
     a stop asked of one process (a signal, a time budget read off its own clock) stops every
-    process after the same step. On CPU tensors: under NCCL it runs on a gloo side group, so
-    the GPU is never made to wait for the host.
+    process after the same step.
     """
     if not is_distributed():
         return flags
-    global _control
-    group = None  # the default group (gloo on CPUs)
-    if dist.get_backend() == "nccl":
-        if _control is None:
-            _control = dist.new_group(backend="gloo")  # a collective too: every rank is here
-        group = _control
-    votes = torch.tensor([int(f) for f in flags], dtype=torch.int64)  # (F,) on the CPU
-    dist.all_reduce(votes, op=dist.ReduceOp.MAX, group=group)
-    return tuple(bool(v) for v in votes.tolist())
+    return tuple(bool(v) for v in _max_over_ranks([int(f) for f in flags]))
 
 
 def init_from_env(device: torch.device) -> bool:
