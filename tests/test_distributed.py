@@ -112,6 +112,7 @@ def _join_leave_worker(rank: int, port: int, out_dir: str) -> None:
     mdist.init_from_env(torch.device("cpu"))
     mdist.leave()
     facts["caller_group_open"] = dist.is_initialized()
+    dist.barrier()  # no rank closes its end of the caller's group while another still connects to it
     dist.destroy_process_group()
     (Path(out_dir) / f"facts{rank}.json").write_text(json.dumps(facts))
 
